@@ -11,3 +11,20 @@ LABELS = (  # the 18 target classes, in the official index order
     "Doorbell", "FootSteps", "HairDryer", "MechanicalFans", "MusicalKeyboard", "Percussion", "Pour", "Speech",
     "Typing", "VacuumCleaner",
 )
+
+import re
+
+
+def parse_source_name(soundscape: str, filename: str) -> tuple[int | None, str]:
+    """Split a source file name '<soundscape>_<n>_<label>.wav' or '<soundscape>_<label>.wav' into (n, label).
+
+    n is None for the 2025 naming without slot index. Raises ValueError when the name does not belong to the
+    soundscape or the label is not one of LABELS.
+    """
+    match = re.fullmatch(re.escape(soundscape) + r"(?:_(\d+))?_(.+)\.wav", filename)
+    if match is None:
+        raise ValueError(f"{filename}: expected '{soundscape}_<n>_<label>.wav' or '{soundscape}_<label>.wav'")
+    index, label = match.groups()
+    if label not in LABELS:
+        raise ValueError(f"{filename}: unknown label {label!r}; expected one of {', '.join(LABELS)}")
+    return (int(index) if index is not None else None), label
