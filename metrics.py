@@ -1,0 +1,377 @@
+"""Scoring metrics (CAPI-SDRi, 2025 CA-SDRi, label accuracies) and the training losses of nanoS5.
+
+Everything here is a small pure function of tensors and label lists; nothing reads files. evaluate.py and the
+validation in train.py share the same code, so a number printed during training means the same as the one the
+scorer prints.
+
+    python metrics.py --bench      # ms of CAPI-SDRi computation per 10 s mixture on one CPU core
+
+Conventions: S = estimate slots, R = reference slots, L = samples, B = batch. Labels are lists of class names
+from synth.LABELS, with synth.SILENCE marking an empty slot. SNR values are in dB.
+Dtypes: metrics run in the dtype of their inputs (float32 for WAV files, as the official scorer does), half
+precision is cast up to float32 first; losses are always computed in float64 (the official validation loss
+is float64 because its dry targets are) and return float64 scalars.
+"""
+import argparse
+import collections
+import itertools
+import math
+import time
+
+import torch
+import torch.nn.functional as F
+
+from synth import LABELS, NUM_SLOTS, SAMPLE_RATE, SILENCE
+
+INVALID_COST = 1e9  # class-aware PIT cost of pairing slots of different classes; never chosen
+METRIC_NAMES = {"capi-sdri": "CAPI-SDRi", "ca-sdri": "CA-SDRi"}  # --metric value -> name printed / in JSON
+
+
+# ----------------------------------------------------------------------------------------------------------
+# SNR
+# ----------------------------------------------------------------------------------------------------------
+def snr(preds: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Signal-to-noise ratio in dB along the last dim, as torchmetrics' signal_noise_ratio(zero_mean=False).
+
+    preds, target: [..., L] of the same shape -> [...]. eps = torch.finfo(preds.dtype).eps is added to both
+    energies (so 0/0 gives 0 dB); the output dtype follows type promotion of preds and target.
+    """
+    if preds.shape != target.shape:
+        raise ValueError(f"snr: preds {tuple(preds.shape)} and target {tuple(target.shape)} must have the same shape")
+    eps = torch.finfo(preds.dtype).eps
+    signal = torch.sum(target**2, dim=-1)
+    noise = torch.sum((target - preds) ** 2, dim=-1)
+    return 10 * torch.log10((signal + eps) / (noise + eps))
+
+
+def _metric_dtype(tensor: torch.Tensor) -> torch.Tensor:
+    """Half-precision waveforms (autocast outputs) are scored in float32; other dtypes are kept."""
+    return tensor.float() if tensor.dtype in (torch.float16, torch.bfloat16) else tensor
+
+
+# ----------------------------------------------------------------------------------------------------------
+# CAPI-SDRi (2026) and CA-SDRi (2025)
+# ----------------------------------------------------------------------------------------------------------
+def _group_by_class(labels: list[str], last_only: bool = False) -> dict[str, list[int]]:
+    """Slot indices of each non-silence class, in slot order; last_only keeps only the last slot of a class
+    (the 2025 scorer puts labels in a dict, so a duplicated label keeps its last waveform)."""
+    groups: dict[str, list[int]] = {}
+    for index, label in enumerate(labels):
+        if label == SILENCE:
+            continue
+        if label not in LABELS:
+            raise ValueError(f"unknown label {label!r}; expected one of {', '.join(LABELS)} or {SILENCE!r}")
+        groups[label] = [index] if last_only else groups.get(label, []) + [index]
+    return groups
+
+
+def _classwise_improvement(est_groups, ref_groups, pair_snr, mixture_snr) -> float | None:
+    """Mean improvement of one mixture from precomputed SNRs (the CAPI-SDRi rules of the docstring below).
+
+    pair_snr[(r, s)] = SNR(estimate s, reference r); mixture_snr[r] = SNR(mixture, reference r); both only
+    needed for classes present on both sides.
+    """
+    classes = est_groups.keys() | ref_groups.keys()
+    if not classes:
+        return None
+    values = []
+    for label in classes:
+        estimates, references = est_groups.get(label, []), ref_groups.get(label, [])
+        matched = min(len(estimates), len(references))
+        if matched:
+            best_score, best_pairs = -math.inf, None
+            for chosen_refs in itertools.combinations(references, matched):
+                for chosen_ests in itertools.permutations(estimates, matched):
+                    pairs = list(zip(chosen_refs, chosen_ests))
+                    score = sum(pair_snr[pair] for pair in pairs) / matched  # raw SNR picks, not improvement
+                    if best_pairs is None or score > best_score:  # first maximum in enumeration order
+                        best_score, best_pairs = score, pairs
+            values += [pair_snr[(r, s)] - mixture_snr[r] for r, s in best_pairs]
+        values += [0.0] * (max(len(estimates), len(references)) - matched)  # misses or false positives
+    return sum(values) / len(values)
+
+
+def _score_batch(est_labels, est_waveforms, ref_labels, ref_waveforms, mixtures, last_only) -> list[float | None]:
+    """Shared engine of capi_sdri / ca_sdri: only the SNRs of same-class pairs are computed, each reference's
+    mixture SNR once, all on the waveforms' device, then moved to the CPU in one transfer."""
+    est_waveforms, ref_waveforms, mixtures = map(_metric_dtype, (est_waveforms, ref_waveforms, mixtures))
+    if mixtures.dim() == 3:
+        mixtures = mixtures[:, 0]  # (B, L): the improvement is measured against mic channel 0
+    batch = len(est_labels)
+    if not (batch == len(ref_labels) == est_waveforms.shape[0] == ref_waveforms.shape[0] == mixtures.shape[0]):
+        raise ValueError("label lists, estimates, references and mixtures must have the same batch size")
+    if not (est_waveforms.shape[-1] == ref_waveforms.shape[-1] == mixtures.shape[-1]):
+        raise ValueError(f"length mismatch: estimates {tuple(est_waveforms.shape)}, references "
+                         f"{tuple(ref_waveforms.shape)}, mixtures {tuple(mixtures.shape)}")
+    # Each needed reference's energy is summed once; the noise energy of every compared signal (the mixture and
+    # the same-class estimates) once; the dB values are formed in one vectorised step (snr()'s formula).
+    groups, keys, signal, noise, eps = [], [], [], [], []  # keys: (b, r) for the mixture, (b, r, s) for a pair
+    for b in range(batch):
+        if len(est_labels[b]) != est_waveforms.shape[1] or len(ref_labels[b]) != ref_waveforms.shape[1]:
+            raise ValueError(f"item {b}: {len(est_labels[b])} estimate labels for {est_waveforms.shape[1]} slots, "
+                             f"{len(ref_labels[b])} reference labels for {ref_waveforms.shape[1]} slots")
+        est_groups = _group_by_class(est_labels[b], last_only)
+        ref_groups = _group_by_class(ref_labels[b], last_only)
+        groups.append((est_groups, ref_groups))
+        for label in est_groups.keys() & ref_groups.keys():
+            for r in ref_groups[label]:
+                reference = ref_waveforms[b, r]
+                reference_energy = torch.sum(reference**2)
+                compared = [((b, r), mixtures[b])] + [((b, r, s), est_waveforms[b, s]) for s in est_groups[label]]
+                for key, waveform in compared:
+                    keys.append(key)
+                    signal.append(reference_energy)
+                    noise.append(torch.sum((reference - waveform).square_()))  # in place: one temporary less
+                    eps.append(torch.finfo(waveform.dtype).eps)
+    pair_snr = [{} for _ in range(batch)]  # per item: (r, s) -> dB
+    mixture_snr = [{} for _ in range(batch)]  # per item: r -> dB
+    if keys:
+        signal, noise = torch.stack(signal), torch.stack(noise)
+        eps = torch.tensor(eps, dtype=signal.dtype, device=signal.device)
+        for key, value in zip(keys, (10 * torch.log10((signal + eps) / (noise + eps))).tolist()):
+            if len(key) == 2:
+                mixture_snr[key[0]][key[1]] = value
+            else:
+                pair_snr[key[0]][key[1:]] = value
+    return [_classwise_improvement(est, ref, pair_snr[b], mixture_snr[b]) for b, (est, ref) in enumerate(groups)]
+
+
+def capi_sdri(est_labels: list[str], est_waveforms: torch.Tensor, ref_labels: list[str],
+              ref_waveforms: torch.Tensor, mixture: torch.Tensor) -> float | None:
+    """CAPI-SDRi of one mixture (2026 official metric, SPEC 5.1), in dB.
+
+    est_labels: S labels for est_waveforms [S, L]; ref_labels: R labels for ref_waveforms [R, L] (silence rows
+    may be zeros); mixture: [L] (mic channel 0) or [C, L] (channel 0 is used). float32 like the official scorer.
+    Within each class the pairing of references and estimates is the one with the highest mean raw SNR; its SNR
+    improvements over the mixture count, each surplus estimate or unmatched reference counts 0. Returns the mean
+    over all counted values, or None when neither side has a non-silence label (excluded from dataset means).
+    """
+    mixture = mixture[None] if mixture.dim() == 1 else mixture[None, 0]
+    return _score_batch([est_labels], est_waveforms[None], [ref_labels], ref_waveforms[None], mixture, False)[0]
+
+
+def ca_sdri(est_labels: list[str], est_waveforms: torch.Tensor, ref_labels: list[str],
+            ref_waveforms: torch.Tensor, mixture: torch.Tensor) -> float | None:
+    """CA-SDRi of one mixture (2025 official metric, SPEC 5.3), in dB; shapes as capi_sdri.
+
+    Labels are collapsed per class (a duplicated label keeps its last slot); a class on both sides adds its SNR
+    improvement, a class on one side only adds 0. None when neither side has a label (the official code returns
+    NaN there, which would poison the dataset mean; here the mixture is left out of the mean instead).
+    """
+    mixture = mixture[None] if mixture.dim() == 1 else mixture[None, 0]
+    return _score_batch([est_labels], est_waveforms[None], [ref_labels], ref_waveforms[None], mixture, True)[0]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Label metrics
+# ----------------------------------------------------------------------------------------------------------
+def label_counts(est_labels: list[str], ref_labels: list[str]) -> dict:
+    """Multiset label counts of one mixture (2026 LabelMetric): {'acc': bool, 'tp', 'fp', 'fn': int}.
+
+    Silence is ignored; acc is True when both multisets are equal (also when both are empty)."""
+    estimated = collections.Counter(label for label in est_labels if label != SILENCE)
+    reference = collections.Counter(label for label in ref_labels if label != SILENCE)
+    true_positives = sum((estimated & reference).values())
+    return {"acc": estimated == reference, "tp": true_positives,
+            "fp": sum(estimated.values()) - true_positives, "fn": sum(reference.values()) - true_positives}
+
+
+def label_accuracies(counts: list[dict]) -> tuple[float, float]:
+    """(accuracy_mix, accuracy_src) in percent from label_counts dicts of all mixtures.
+
+    accuracy_mix = share of mixtures with the exact label multiset; accuracy_src = tp / (tp + fp + fn) summed
+    over mixtures (NaN when no mixture has any label on either side)."""
+    if not counts:
+        raise ValueError("label_accuracies: no mixtures")
+    accuracy_mix = 100.0 * sum(bool(count["acc"]) for count in counts) / len(counts)
+    tp = sum(count["tp"] for count in counts)
+    total = tp + sum(count["fp"] + count["fn"] for count in counts)
+    return accuracy_mix, (100.0 * tp / total if total else math.nan)
+
+
+def label_set_match(est_labels: list[str], ref_labels: list[str]) -> bool:
+    """2025 label accuracy of one mixture: the sets of non-silence labels are equal (duplicates ignored)."""
+    return set(est_labels) - {SILENCE} == set(ref_labels) - {SILENCE}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Accumulator for evaluate.py and train.py validation
+# ----------------------------------------------------------------------------------------------------------
+class MetricAccumulator:
+    """Collects per-mixture scores over batches, on any device; summary() gives the dataset numbers.
+
+    metric: 'capi-sdri' (2026) or 'ca-sdri' (2025). update() takes
+        est_labels: B lists of S labels, est_waveforms [B, S, L], ref_labels: B lists of R labels,
+        ref_waveforms [B, R, L], mixtures [B, L] (channel 0) or [B, C, L], soundscapes: B names (optional)
+    and returns the B per-mixture values (float or None). The per-mixture records stay in self.details.
+    """
+
+    def __init__(self, metric: str = "capi-sdri"):
+        if metric not in METRIC_NAMES:
+            raise ValueError(f"metric {metric!r}: expected one of {', '.join(METRIC_NAMES)}")
+        self.metric = metric
+        self.details: list[dict] = []  # {'soundscape', 'est_labels', 'ref_labels', 'value', 'label_counts'}
+        self.seconds = 0.0  # time spent inside update(), for speed reports
+
+    def update(self, est_labels, est_waveforms, ref_labels, ref_waveforms, mixtures, soundscapes=None):
+        start = time.perf_counter()
+        with torch.no_grad():
+            values = _score_batch(est_labels, est_waveforms, ref_labels, ref_waveforms, mixtures,
+                                  last_only=self.metric == "ca-sdri")
+        for b, value in enumerate(values):
+            counts = label_counts(est_labels[b], ref_labels[b])
+            if self.metric == "ca-sdri":
+                counts["acc"] = label_set_match(est_labels[b], ref_labels[b])
+            self.details.append({"soundscape": soundscapes[b] if soundscapes else f"item_{len(self.details)}",
+                                 "est_labels": list(est_labels[b]), "ref_labels": list(ref_labels[b]),
+                                 "value": value, "label_counts": counts})
+        self.seconds += time.perf_counter() - start
+        return values
+
+    def summary(self) -> dict:
+        """{'metric': printed name, 'mean': dB or None when no mixture counts, 'accuracy_mix', 'accuracy_src',
+        'count': mixtures, 'scored': mixtures in the mean}; for 'ca-sdri' accuracy_mix is the 2025 set accuracy."""
+        values = [item["value"] for item in self.details if item["value"] is not None]
+        accuracy_mix, accuracy_src = label_accuracies([item["label_counts"] for item in self.details])
+        return {"metric": METRIC_NAMES[self.metric], "mean": sum(values) / len(values) if values else None,
+                "accuracy_mix": accuracy_mix, "accuracy_src": accuracy_src,
+                "count": len(self.details), "scored": len(values)}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Training losses (all float64, differentiable)
+# ----------------------------------------------------------------------------------------------------------
+def _best_permutation(cost: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exhaustive assignment search. cost [B, S, S] (rows = target slot, columns = prediction slot) ->
+    (mean assigned cost of the best permutation [B], permutation [B, S] with permutation[b, i] = prediction slot
+    matched to target slot i). Ties go to the first permutation in itertools order."""
+    slots = cost.shape[-1]
+    permutations = torch.tensor(list(itertools.permutations(range(slots))), device=cost.device)  # (P, S)
+    rows = torch.arange(slots, device=cost.device)
+    scores = cost[:, rows[None, :], permutations].mean(-1)  # (B, P)
+    best = scores.argmin(-1)  # argmin returns the first minimum
+    return scores.gather(1, best[:, None])[:, 0], permutations[best]
+
+
+def pit_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """2026 tagger loss (SPEC 2.7): permutation-invariant cross-entropy with probability targets.
+
+    logits [B, S, C] (S = 3 slots, C = 19 with silence), targets [B, S, C] one-hot (float).
+    Pair cost M[b, t, p] = -sum_c targets[b, t, c] * log_softmax(logits[b, p])_c; the assignment minimising the
+    mean cost is found exhaustively (the same optimum as scipy's linear_sum_assignment). Returns (loss = batch
+    mean of the assigned mean cost, float64 scalar; permutation [B, S], prediction slot for each target slot).
+    """
+    if logits.shape != targets.shape or logits.dim() != 3:
+        raise ValueError(f"pit_cross_entropy: logits {tuple(logits.shape)} and targets {tuple(targets.shape)} "
+                         "must both be [B, S, C]")
+    log_probabilities = F.log_softmax(logits.double(), dim=-1)
+    cost = -torch.einsum("btc,bpc->btp", targets.double(), log_probabilities)  # (B, S_target, S_pred)
+    best_cost, permutation = _best_permutation(cost)
+    return best_cost.mean(), permutation
+
+
+def _snr64(preds: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """snr() computed in float64 -> [...]; eps stays the one of the predictions' own dtype, as in the official
+    loss where float32 predictions meet float64 dry targets."""
+    eps = torch.finfo(preds.dtype).eps
+    preds, targets = preds.double(), targets.double()
+    return 10 * torch.log10((torch.sum(targets**2, -1) + eps) / (torch.sum((targets - preds) ** 2, -1) + eps))
+
+
+def class_aware_pit_snr_loss(preds: torch.Tensor, targets: torch.Tensor,
+                             queries: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """2026 separator loss (SPEC 4.2): negative SNR under the best permutation among same-class slots.
+
+    preds, targets: [B, S, L] or [B, S, 1, L]; queries: [B, S, 18] one-hot label queries (all-zero = silence) or
+    the flat [B, S*18]. Only pairs of slots with identical non-silent queries may be matched (others cost 1e9);
+    silent slots cost 0 on the diagonal but still count in the divisor S. Returns (loss = batch mean, float64
+    scalar; permutation [B, S], prediction slot for each target slot).
+    """
+    if preds.shape != targets.shape:
+        raise ValueError(f"preds {tuple(preds.shape)} and targets {tuple(targets.shape)} must match")
+    batch, slots = preds.shape[:2]
+    queries = queries.reshape(batch, slots, -1)  # (B, S, 18)
+    is_silence = (queries == 0).all(-1)  # (B, S)
+    same_class = (queries[:, :, None, :] == queries[:, None, :, :]).all(-1)  # (B, S_target, S_pred)
+    valid = same_class & ~is_silence[:, :, None] & ~is_silence[:, None, :]
+    cost = torch.full((batch, slots, slots), INVALID_COST, dtype=torch.float64, device=preds.device)
+    diagonal = torch.arange(slots, device=preds.device)
+    cost[:, diagonal, diagonal] = torch.where(is_silence, 0.0, INVALID_COST).double()
+    for target_slot in range(slots):
+        for pred_slot in range(slots):
+            pair_snr = _snr64(preds[:, pred_slot], targets[:, target_slot])  # (B,) or (B, 1) with a channel dim
+            pair_cost = -pair_snr.reshape(batch, -1).mean(-1)  # (B,)
+            cost[:, target_slot, pred_slot] = torch.where(valid[:, target_slot, pred_slot], pair_cost,
+                                                          cost[:, target_slot, pred_slot])
+    best_cost, permutation = _best_permutation(cost)
+    return best_cost.mean(), permutation
+
+
+def snr_loss(preds: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """2025 ResUNet loss (SPEC 4.4): -mean SNR. preds, targets [B, L] or [B, 1, L] -> float64 scalar."""
+    if preds.shape != targets.shape:
+        raise ValueError(f"preds {tuple(preds.shape)} and targets {tuple(targets.shape)} must match")
+    return -_snr64(preds, targets).mean()
+
+
+def masked_snr_loss(preds: torch.Tensor, targets: torch.Tensor, source_mask: torch.Tensor) -> torch.Tensor:
+    """2025 ResUNetK loss (SPEC 4.4): -mean over all B*S slots of SNR * source_mask (masked slots count as 0).
+
+    preds, targets [B, S, L] or [B, S, 1, L]; source_mask [B, S] (1 = real source, 0 = silence). No permutation.
+    """
+    if preds.shape != targets.shape:
+        raise ValueError(f"preds {tuple(preds.shape)} and targets {tuple(targets.shape)} must match")
+    value = _snr64(preds, targets)  # (B, S) or (B, S, 1)
+    mask = source_mask.double().reshape(source_mask.shape + (1,) * (value.dim() - source_mask.dim()))
+    return -(value * mask).mean()
+
+
+def binary_cross_entropy(probabilities: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """2025 tagger loss (SPEC 2.8): mean binary cross-entropy of sigmoid probabilities [B, 18] against multi-hot
+    targets [B, 18], float64. Written out (logs floored at -100 like torch) so it also runs inside autocast,
+    where F.binary_cross_entropy refuses to."""
+    probabilities, targets = probabilities.double(), targets.double()
+    floor = math.exp(-100)  # clamping before the log keeps gradients finite at probabilities 0 and 1
+    log_positive = torch.log(probabilities.clamp(min=floor))
+    log_negative = torch.log((1 - probabilities).clamp(min=floor))
+    return -(targets * log_positive + (1 - targets) * log_negative).mean()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Benchmark
+# ----------------------------------------------------------------------------------------------------------
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--bench", action="store_true", help="time CAPI-SDRi per 10 s mixture on one CPU core")
+    parser.add_argument("--mixtures", type=int, default=200, help="mixtures to time")
+    args = parser.parse_args()
+    if not args.bench:
+        parser.print_help()
+        return
+    torch.set_num_threads(1)
+    generator = torch.Generator().manual_seed(0)
+    length = 10 * SAMPLE_RATE
+    cases = [  # (est labels, ref labels): distinct classes, a duplicated class, a miss and a false positive
+        (["Speech", "Dishes", "Pour"], ["Speech", "Dishes", "Pour"]),
+        (["Speech", "Speech", "Dishes"], ["Speech", "Speech", "Dishes"]),
+        (["Speech", "Blender", SILENCE], ["Speech", "Dishes", "Pour"]),
+    ]
+    # A pool of distinct mixtures (about 100 MB) so that the waveforms are not cache-resident, as in evaluate.py.
+    pool = []
+    for _ in range(10):
+        references = torch.randn(NUM_SLOTS, length, generator=generator)
+        estimates = references + 0.3 * torch.randn(NUM_SLOTS, length, generator=generator)
+        pool.append((estimates, references, references.sum(0) + 0.1 * torch.randn(length, generator=generator)))
+    for est_labels, ref_labels in cases:
+        for function in (capi_sdri, ca_sdri):
+            function(est_labels, *pool[0][:1], ref_labels, *pool[0][1:])  # warm-up
+            start = time.perf_counter()
+            for repeat in range(args.mixtures):
+                estimates, references, mixture = pool[repeat % len(pool)]
+                function(est_labels, estimates, ref_labels, references, mixture)
+            milliseconds = 1e3 * (time.perf_counter() - start) / args.mixtures
+            print(f"{function.__name__:9s} est {est_labels} ref {ref_labels}: {milliseconds:.3f} ms per mixture")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,250 @@
+"""Synthesis tests: levels and dry window against an exact float64 SpAudSyn computation, SOFA reading,
+metadata round trip, determinism across DataLoader workers, duplicate constraints, waveform-mode names, errors."""
+import json
+import math
+
+import h5py
+import numpy as np
+import pytest
+import scipy.signal
+import soundfile
+import torch
+
+import data_prep
+import synth
+
+RATE = synth.SAMPLE_RATE
+
+
+def write_room(path, taps=4000, positions=None, spherical=True, rate=RATE, seed=0):
+    """A 4-mic SOFA room whose RIRs have a clear peak at a position-dependent tap."""
+    rng = np.random.default_rng(seed)
+    positions = np.array(positions if positions is not None else [[a, 0.0, 1.5] for a in range(0, 360, 45)], float)
+    responses = 0.01 * rng.standard_normal((len(positions), 4, taps))
+    for m in range(len(positions)):
+        responses[m, :, 300 + 10 * m] = 1.0 + 0.1 * np.arange(4)
+    if spherical:
+        data_prep.write_sofa(path, responses, positions, rate)
+    else:
+        with h5py.File(path, "w") as file:
+            file["Data.IR"] = responses
+            file["Data.SamplingRate"] = [float(rate)]
+            file["SourcePosition"] = positions
+            file["SourcePosition"].attrs["Type"] = b"cartesian"
+    return responses
+
+
+def cartesian(spherical):
+    az, el, r = np.deg2rad(spherical[0]), np.deg2rad(spherical[1]), spherical[2]
+    return [r * math.cos(az) * math.cos(el), r * math.sin(az) * math.cos(el), r * math.sin(el)]
+
+
+def reference_render(scene, root):
+    """Exact float64 SpAudSyn computation (scipy.signal.fftconvolve), written independently of synth.py."""
+    config = scene["config"]
+    room_path = root / scene["room"]["args"]["metadata"]["sofa_path"]
+    with h5py.File(room_path) as file:
+        irs = np.asarray(file["Data.IR"], float)
+        stored = np.asarray(file["SourcePosition"], float)
+        kind = file["SourcePosition"].attrs["Type"]
+        spherical = (kind.decode() if isinstance(kind, bytes) else kind) == "spherical"
+        positions = np.array([cartesian(p) for p in stored]) if spherical else stored
+    mixture = np.zeros((4, 320000))
+    dry_sources, levels = [], []
+    for key, folder in (("fg_events", "foreground_dir"), ("int_events", "interference_dir")):
+        for event in sorted(scene[key], key=lambda e: e["event_time"]):
+            x, _ = soundfile.read(root / config[folder] / event["source_file"], dtype="float32",
+                                  start=int(event["source_time"] * RATE), frames=int(event["event_duration"] * RATE))
+            x = (x / np.max(np.abs(x))).astype(np.float64)
+            index = int(np.argmin(np.linalg.norm(positions - np.array(event["event_position"][0]), axis=1)))
+            h = irs[index] / np.sqrt(np.mean(np.sum(irs[index] ** 2, axis=-1)))
+            wet = scipy.signal.fftconvolve(x[None, :], h, mode="full", axes=1)
+            scale = 10 ** ((config["ref_db"] + event["snr"] - 10 * np.log10(np.mean(wet ** 2))) / 20)
+            wet *= scale
+            levels.append(10 * np.log10(np.mean(wet ** 2)) - config["ref_db"] - event["snr"])
+            onset = int(event["event_time"] * RATE)
+            part = wet[:, :320000 - onset]
+            mixture[:, onset:onset + part.shape[1]] += part
+            if key == "fg_events":
+                t0 = int(np.argmax(np.abs(h[0])))
+                window = np.zeros_like(h[0])
+                window[max(t0 - 192, 0):min(t0 + 1600, len(window) - 1) + 1] = 1
+                dry = scipy.signal.fftconvolve(x, h[0] * window) * scale
+                placed = np.zeros(320000)
+                part = dry[:320000 - onset]
+                placed[onset:onset + len(part)] = part
+                dry_sources.append(placed)
+                levels.append(int(window.sum()))
+    for event in scene["bg_events"]:
+        noise, _ = soundfile.read(root / config["background_dir"] / event["source_file"], dtype="float32",
+                                  always_2d=True)
+        noise = np.tile(noise.T.astype(np.float64), (1, 320000 // len(noise) + 1))[:, :320000]
+        mixture += noise * 10 ** ((config["ref_db"] - 10 * np.log10(np.mean(noise ** 2))) / 20)
+    return mixture, np.array(dry_sources), levels
+
+
+@pytest.fixture()
+def small_scene(tmp_path):
+    """One foreground event at 9.0 s (cut at the end), one interference event, a short tiled background."""
+    rng = np.random.default_rng(1)
+    (tmp_path / "fg" / "Speech").mkdir(parents=True)
+    (tmp_path / "int" / "Hum").mkdir(parents=True)
+    (tmp_path / "bg").mkdir()
+    (tmp_path / "rooms").mkdir()
+    soundfile.write(tmp_path / "fg" / "Speech" / "a.wav", rng.standard_normal(64002) * 0.1, RATE, subtype="FLOAT")
+    soundfile.write(tmp_path / "int" / "Hum" / "b.wav", rng.standard_normal(40000) * 0.3, RATE)
+    soundfile.write(tmp_path / "bg" / "n.wav", rng.standard_normal((50000, 4)) * 0.05, RATE)
+    write_room(tmp_path / "rooms" / "r.sofa")
+    position = cartesian([90.0, 0.0, 1.5])
+    event = {"label": "Speech", "source_file": "Speech/a.wav", "source_time": 0, "event_time": 9.0,
+             "event_duration": 64002 / RATE, "event_position": [position], "snr": 10.0, "role": "foreground"}
+    interference = {"label": "Hum", "source_file": "Hum/b.wav", "source_time": 0.2, "event_time": 1.25,
+                    "event_duration": 0.9, "event_position": [cartesian([180.0, 0.0, 1.5])], "snr": 3.0,
+                    "role": "interference"}
+    background = {"label": None, "source_file": "n.wav", "source_time": None, "event_time": 0,
+                  "event_duration": 10, "event_position": None, "snr": 0, "role": "background"}
+    scene = {"config": {"duration": 10.0, "sr": RATE, "ref_db": -55, "foreground_dir": "fg",
+                        "interference_dir": "int", "background_dir": "bg"},
+             "fg_events": [event], "int_events": [interference], "bg_events": [background],
+             "room": {"module": "ignored", "main": "SofaRoom.from_metadata", "args": {"metadata": {
+                 "sofa_path": "rooms/r.sofa", "direct_range_ms": [6, 50]}}}}
+    return scene, tmp_path
+
+
+def test_render_matches_exact_float64_levels_and_dry_window(small_scene):
+    scene, root = small_scene
+    rendered = synth.Renderer([root]).render(scene)
+    mixture, dry, levels = reference_render(scene, root)
+    assert abs(levels[0]) < 1e-9 and abs(levels[2]) < 1e-9  # event level = ref_db + snr over the full wet
+    assert levels[1] == 1793  # direct-path window length
+    assert rendered["mixture"].dtype == np.float32 and rendered["mixture"].shape == (4, 320000)
+    assert np.max(np.abs(rendered["mixture"] - mixture)) <= 1e-4 * np.max(np.abs(mixture))
+    assert np.max(np.abs(rendered["dry_sources"][:, 0] - dry)) <= 1e-4 * np.max(np.abs(dry))
+    assert rendered["labels"] == ["Speech"]
+    read = int(scene["fg_events"][0]["event_duration"] * RATE)
+    assert read == 64001  # the official int(duration * sr) truncation loses the last sample
+
+
+def test_render_errors_name_the_file(small_scene, tmp_path):
+    scene, root = small_scene
+    bad = json.loads(json.dumps(scene))
+    bad["fg_events"][0]["event_position"] = [[0.3, 0.3, 0.3]]
+    with pytest.raises(ValueError, match="no RIR at position"):
+        synth.Renderer([root]).render(bad)
+    bad = json.loads(json.dumps(scene))
+    bad["fg_events"][0]["source_file"] = "Speech/missing.wav"
+    with pytest.raises(ValueError, match="missing.wav"):
+        synth.Renderer([root]).render(bad)
+    soundfile.write(root / "fg" / "Speech" / "a.wav", np.zeros(64002), 16000)
+    with pytest.raises(ValueError, match="a.wav: sample rate 16000"):
+        synth.Renderer([root]).render(scene)
+    (root / "rooms" / "r.sofa").write_bytes(b"not hdf5")
+    with pytest.raises(ValueError, match="r.sofa: unreadable SOFA"):
+        synth.Renderer([root]).render(scene)
+
+
+def test_sofa_spherical_and_cartesian_positions(tmp_path):
+    spherical = [[0.0, 0.0, 0.75], [90.0, 20.0, 1.5], [225.0, -10.0, 1.0]]
+    write_room(tmp_path / "s.sofa", positions=spherical)
+    write_room(tmp_path / "c.sofa", positions=[cartesian(p) for p in spherical], spherical=False)
+    rooms = synth.SofaRoom(tmp_path / "s.sofa"), synth.SofaRoom(tmp_path / "c.sofa")
+    np.testing.assert_allclose(rooms[0].positions, rooms[1].positions, atol=1e-12)
+    assert rooms[0].find_position([[0.0, 1.5 * math.cos(math.radians(20)) + 0.0005, 1.5 * math.sin(math.radians(20))]]) == 1
+    with pytest.raises(ValueError, match="tolerance 1 mm"):
+        rooms[1].find_position([0.0, 0.0, 0.0])
+    np.testing.assert_allclose(rooms[0].rir(2), rooms[1].rir(2))
+    assert np.isclose(np.mean(np.sum(rooms[0].rir(0) ** 2, axis=-1)), 1.0)
+
+
+def test_sofa_resampled_to_32k(tmp_path):
+    write_room(tmp_path / "r.sofa", taps=2000, rate=16000)
+    room = synth.SofaRoom(tmp_path / "r.sofa")
+    assert room.rir_length == 4000 and room.rir(0).shape == (4, 4000)
+
+
+def test_metadata_round_trip(demo_dev_set, tmp_path):
+    dataset = synth.GeneratedDataset(demo_dev_set, length=6, seed=3)
+    for index in range(6):
+        item = dataset[index]
+        path = tmp_path / f"scene_{index}.json"
+        path.write_text(json.dumps(item["metadata"]))
+        again = synth.MetadataDataset(tmp_path, return_sources=True)[index]
+        assert torch.equal(item["mixture"], again["mixture"])
+        assert sorted(item["label"]) == sorted(again["label"])
+        for source in item["dry_sources"]:
+            assert any(torch.equal(source, other) for other in again["dry_sources"])
+
+
+def test_same_items_for_0_and_2_workers(demo_dev_set):
+    dataset = synth.GeneratedDataset(demo_dev_set, synth.SceneConfig(nevent_range=(0, 3)), length=4, seed=7,
+                                     label_vector_mode="stack", silence_label_mode="onehot")
+    batches = []
+    for workers in (0, 2):
+        loader = torch.utils.data.DataLoader(dataset, batch_size=2, num_workers=workers, collate_fn=synth.collate)
+        batches.append(list(loader))
+    for first, second in zip(*batches):
+        assert torch.equal(first["mixture"], second["mixture"])
+        assert torch.equal(first["dry_sources"], second["dry_sources"])
+        assert first["label"] == second["label"] and first["metadata"] == second["metadata"]
+    assert batches[0][0]["label_vector"].shape == (2, 3, 19)
+    assert batches[0][0]["mixture"].shape == (2, 4, 320000)
+
+
+def test_duplicate_constraints(demo_dev_set):
+    config = synth.SceneConfig(nevent_range=(3, 3), dupse_rate=1.0, interference_range=(0, 0))
+    dataset = synth.GeneratedDataset(demo_dev_set, config, length=40)
+    duplicates = 0
+    for index in range(40):
+        events = dataset.scene(index)["fg_events"]
+        for label in {event["label"] for event in events}:
+            same = [event for event in events if event["label"] == label]
+            if len(same) < 2:
+                continue
+            duplicates += 1
+            folders = [event["source_file"].split("/")[1] for event in same]
+            assert len(set(folders)) == len(folders)  # exclusion folder depth 1
+            vectors = np.array([event["event_position"][0] for event in same])
+            vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+            for a in range(len(same)):
+                for b in range(a + 1, len(same)):
+                    assert np.degrees(np.arccos(np.clip(vectors[a] @ vectors[b], -1, 1))) > 60
+    assert duplicates == 40
+
+
+def test_waveform_mode_names(demo_dev_set, tmp_path):
+    test = demo_dev_set / "synthesized" / "test"
+    dataset = synth.WaveformDataset(test / "soundscape", test / "oracle_target", "concat", "zeros")
+    item = dataset[0]
+    assert item["mixture"].shape == (4, 320000) and item["label_vector"].shape == (54,)
+    assert item["dry_sources"].shape == (3, 1, 320000) and len(item["label"]) == 3
+    (tmp_path / "mix").mkdir()
+    (tmp_path / "est").mkdir()
+    soundfile.write(tmp_path / "mix" / "s1.wav", np.zeros((100, 4)), RATE)
+    soundfile.write(tmp_path / "est" / "s1_Speech.wav", np.full(100, 0.5), RATE)  # 2025 naming
+    soundfile.write(tmp_path / "est" / "s1_0_Dishes.wav", np.full(100, 0.25), RATE)
+    item = synth.WaveformDataset(tmp_path / "mix", estimate_dir=tmp_path / "est")[0]
+    assert item["est_label"] == ["Dishes", "Speech", "silence"]
+    assert item["est_dry_sources"][1, 0, 0] == 0.5 and item["est_dry_sources"][2].abs().sum() == 0
+    assert synth.parse_source_name("s1", "s1_2_Speech.wav") == (2, "Speech")
+    with pytest.raises(ValueError, match="unknown label"):
+        synth.parse_source_name("s1", "s1_0_Dog.wav")
+
+
+def test_label_vector_modes():
+    labels = ["Speech", "Speech", synth.SILENCE]
+    assert synth.label_vector(labels, "stack", "onehot").shape == (3, 19)
+    assert synth.label_vector(labels, "concat", "zeros").shape == (54,)
+    multihot = synth.label_vector(labels, "multihot", "onehot")
+    assert multihot.shape == (19,) and multihot.sum() == 2 and multihot[15] == 1 and multihot[18] == 1
+    assert synth.label_vector(labels, "stack", "zeros")[2].sum() == 0
+
+
+def test_index_errors(tmp_path):
+    (tmp_path / "sound_event" / "Speech").mkdir(parents=True)
+    (tmp_path / "room_ir").mkdir()
+    write_room(tmp_path / "room_ir" / "r.sofa")
+    with pytest.raises(ValueError, match="Speech: empty class folder"):
+        synth.DataIndex(tmp_path)
+    soundfile.write(tmp_path / "sound_event" / "Speech" / "x.wav", np.zeros((100, 2)), RATE)
+    with pytest.raises(ValueError, match="x.wav: 2 channels, expected 1"):
+        synth.DataIndex(tmp_path)
