@@ -1,0 +1,261 @@
+"""End to end: `python evaluate.py` inference, waveforms, plots and submission with tiny random-weight checkpoints.
+
+The checkpoints are written here in our own format; the soundscapes are 1 s, 4-channel, 16-bit like the dev set.
+The tagger's silence logits are biased so that slot 0 is always silent (it must be sorted last) and slot 1 never.
+"""
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile
+import torch
+
+import evaluate
+import model
+from synth import LABELS, SAMPLE_RATE, SILENCE, parse_source_name
+
+REPOSITORY = Path(__file__).resolve().parent.parent
+LENGTH = SAMPLE_RATE  # 1 s mixtures keep each run to seconds
+# soundscape -> reference labels (the last one has no target sources)
+SCENES = {"soundscape_0000": ["Speech", "Dishes"], "soundscape_0001": ["Pour", "Pour", "Cough"],
+          "soundscape_0002": ["Blender"], "soundscape_0003": []}
+TAGGER = model.TaggerConfig(embed_dim=32, depth=1, num_heads=2, track_input_dim=16, track_hidden_dim=16)
+SEPARATOR = model.SeparatorConfig(base_channels=2, condition_dim=16)
+FAST = ("--device", "cpu", "--num_workers", "1")
+
+
+def write_wav(path: Path, audio: np.ndarray, sample_rate: int = SAMPLE_RATE):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    soundfile.write(str(path), audio, sample_rate, subtype="PCM_16")
+
+
+def write_soundscapes(folder: Path, names, seed: int, sample_rate: int = SAMPLE_RATE, references: bool = True):
+    """FOLDER/soundscape/<name>.wav and (with references) FOLDER/oracle_target/<name>_<i>_<label>.wav."""
+    rng = np.random.default_rng(seed)
+    for name in names:
+        labels = SCENES.get(name, ["Speech"])
+        sources = [0.1 * rng.standard_normal(LENGTH) for _ in labels]
+        mixture = 0.01 * rng.standard_normal((LENGTH, 4)) + (sum(sources)[:, None] if sources else 0.0)
+        write_wav(folder / "soundscape" / f"{name}.wav", mixture, sample_rate)
+        for index, (label, source) in enumerate(zip(labels, sources)):
+            if references:
+                write_wav(folder / "oracle_target" / f"{name}_{index}_{label}.wav", source, sample_rate)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("checkpoints")
+    torch.manual_seed(0)
+    tagger, separator = model.build_tagger(TAGGER), model.build_separator(SEPARATOR)
+    with torch.no_grad():
+        tagger.head.tracks[0][3].bias[len(LABELS)] = 50.0  # slot 0: always silence
+        tagger.head.tracks[1][3].bias[len(LABELS)] = -50.0  # slot 1: never silence
+    for name, module, config in (("tagger", tagger, TAGGER), ("separator", separator, SEPARATOR)):
+        torch.save({"kind": name, "model_config": dataclasses.asdict(config), "model": module.state_dict()},
+                   folder / f"{name}.pt")
+    return folder / "tagger.pt", folder / "separator.pt"
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return write_soundscapes(tmp_path_factory.mktemp("dev") / "test", SCENES, seed=0)
+
+
+def run(*arguments, env=None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "evaluate.py", *map(str, arguments)], cwd=REPOSITORY, env=env,
+                          capture_output=True, text=True, timeout=300)
+
+
+def fail(monkeypatch, capsys, *arguments) -> str:
+    """Runs evaluate.main() in this process (no torch start-up per call) expecting an error exit -> stderr."""
+    monkeypatch.setattr(sys, "argv", ["evaluate.py", *map(str, arguments)])
+    with pytest.raises(SystemExit) as exit_info:
+        evaluate.main()
+    assert exit_info.value.code != 0
+    return capsys.readouterr().err
+
+
+def system_arguments(checkpoints, data):
+    return ("--tagger", checkpoints[0], "--separator", checkpoints[1], "--data", data, *FAST)
+
+
+def expected_outputs(checkpoints, data):
+    """Labels and probabilities computed here with model.S5 on the same files."""
+    system = model.S5(model.load_tagger(str(checkpoints[0])), model.load_separator(str(checkpoints[1])))
+    mixtures = torch.stack([evaluate.read_mixture(data / "soundscape" / f"{name}.wav") for name in SCENES])
+    output = system(mixtures)
+    return output["label"], output["probabilities"], model.count_parameters(system)
+
+
+def check_waveform_files(folder: Path, details: list[dict], subtype: str):
+    """One file per non-silent slot, named after the sorted slot, mono 32 kHz of the mixture's length."""
+    expected = sorted(evaluate.source_filename(item["soundscape"], slot, label)
+                      for item in details for slot, label in enumerate(item["est_labels"]) if label != SILENCE)
+    names = sorted(path.name for path in folder.iterdir())
+    assert names == expected and len(names) >= len(details)  # slot 1 is never silent
+    for name in names:
+        soundscape = name[:len("soundscape_0000")]
+        slot, _ = parse_source_name(soundscape, name)
+        assert slot in (0, 1)  # the always-silent slot 0 was sorted last
+        info = soundfile.info(str(folder / name))
+        assert (info.samplerate, info.channels, info.frames, info.subtype) == (SAMPLE_RATE, 1, LENGTH, subtype)
+
+
+def test_inference_end_to_end(checkpoints, data, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "out"
+    result = run(*system_arguments(checkpoints, data), "--out", out, "--save_waveforms", "--batch_size", 3)
+    assert result.returncode == 0, result.stderr
+    labels, probabilities, nparams = expected_outputs(checkpoints, data)
+    lines = result.stdout.splitlines()
+    assert lines[0].startswith("CAPI-SDRi: ") and lines[1].startswith("Accuracy (mixture): ")
+    assert lines[2].startswith("Accuracy (source) : ") and lines[3] == f"Total parameters: {nparams:,}"
+    assert "soundscapes/s" in lines[4]
+
+    results = json.loads((out / "results.json").read_text())
+    assert list(results) == ["CAPI-SDRi", "label_metrics", "nparams", "details", "config"]
+    assert results["nparams"] == nparams and set(results["label_metrics"]) == {"accuracy_mix", "accuracy_src"}
+    assert f"{results['CAPI-SDRi']['mean']:.3f}" == lines[0].split(": ")[1]
+    details = results["details"]
+    assert [item["soundscape"] for item in details] == list(SCENES)
+    for item, expected_labels, expected_probabilities, references in zip(details, labels, probabilities,
+                                                                           SCENES.values()):
+        assert list(item) == ["soundscape", "ref_labels", "est_labels", "probabilities", "metrics"]
+        assert item["est_labels"] == expected_labels and item["est_labels"][-1] == SILENCE  # slot 0 sorted last
+        assert item["probabilities"] == pytest.approx(expected_probabilities.tolist(), abs=1e-5)
+        assert item["ref_labels"] == references + [SILENCE] * (3 - len(references))
+        assert [metric["metric"] for metric in item["metrics"]] == ["CAPI-SDRi", "label_metrics"]
+        assert set(item["metrics"][1]["value"]) == {"acc", "tp", "fp", "fn"}
+    assert details[-1]["metrics"][1]["value"]["fp"] > 0 and details[-1]["metrics"][0]["value"] == 0.0
+    assert results["config"]["models"]["separator_config"]["base_channels"] == SEPARATOR.base_channels
+    check_waveform_files(out / "waveforms", details, "PCM_16")
+
+    error = fail(monkeypatch, capsys, *system_arguments(checkpoints, data), "--out", out, "--save_waveforms")
+    assert "results.json already exists" in error and "--overwrite" in error  # nothing replaced silently
+    (out / "results.json").unlink()
+    error = fail(monkeypatch, capsys, *system_arguments(checkpoints, data), "--out", out, "--save_waveforms")
+    assert "waveforms already hold files" in error and "--overwrite" in error
+
+
+def test_float_waveforms_rescore_to_the_same_numbers(checkpoints, data, tmp_path):
+    """Scoring the written float WAVs with --estimates reproduces the inference numbers."""
+    out = tmp_path / "out"
+    result = run(*system_arguments(checkpoints, data), "--out", out, "--save_waveforms", "--float_wav",
+                 "--batch_size", 1)
+    assert result.returncode == 0, result.stderr
+    results = json.loads((out / "results.json").read_text())
+    check_waveform_files(out / "waveforms", results["details"], "FLOAT")
+    rescored = run("--estimates", out / "waveforms", "--data", data, "--out", tmp_path / "rescored")
+    assert rescored.returncode == 0, rescored.stderr
+    assert rescored.stdout.splitlines()[:3] == result.stdout.splitlines()[:3]
+    again = json.loads((tmp_path / "rescored" / "results.json").read_text())
+    for first, second in zip(results["details"], again["details"]):
+        assert first["est_labels"] == second["est_labels"]
+        value, rescored_value = first["metrics"][0]["value"], second["metrics"][0]["value"]
+        assert (value is None and rescored_value is None) or value == pytest.approx(rescored_value, abs=1e-4)
+
+
+def test_plots_or_a_clear_message(checkpoints, data, tmp_path):
+    # Whatever is installed: a matplotlib that cannot be imported gives the message before any work is done.
+    fake = tmp_path / "fake" / "matplotlib"
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text("raise ImportError('no matplotlib here')\n")
+    environment = os.environ | {"PYTHONPATH": str(fake.parent)}
+    missing = run(*system_arguments(checkpoints, data), "--out", tmp_path / "missing", "--plots", 1, env=environment)
+    assert missing.returncode != 0 and "pip install matplotlib" in missing.stderr
+    assert not (tmp_path / "missing").exists()
+
+    result = run(*system_arguments(checkpoints, data), "--out", tmp_path / "out", "--plots", 2)
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        assert result.returncode != 0 and "pip install matplotlib" in result.stderr
+        return
+    assert result.returncode == 0, result.stderr
+    plots = sorted((tmp_path / "out" / "plots").iterdir())
+    assert [path.name for path in plots] == ["soundscape_0000.png", "soundscape_0001.png"]
+    assert all(path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for path in plots)
+
+
+def test_submission_package(checkpoints, data, tmp_path, monkeypatch, capsys):
+    eval_root = write_soundscapes(tmp_path / "eval_set" / "eval", ["eval_0000", "eval_0001", "eval_0002"], seed=1,
+                                  references=False)
+    name = "Doe_Lab_task4_2"
+    arguments = (*system_arguments(checkpoints, data), "--submission", "--author", "Doe", "--affiliation", "Lab",
+                 "--number", 2, "--eval_data", eval_root, "--out", tmp_path / "submission")
+    result = run(*arguments)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines()[0].startswith("CAPI-SDRi: ")
+    folder = tmp_path / "submission" / name
+
+    dev = json.loads((folder / "dev_set_test_results.json").read_text())
+    assert [item["soundscape"] for item in dev["details"]] == list(SCENES) and "nparams" in dev
+    results = json.loads((folder / "eval_results.json").read_text())
+    assert list(results) == ["nparams", "probabilities", "config"] and results["nparams"] == dev["nparams"]
+    assert [entry["soundscape"] for entry in results["probabilities"]] == ["eval_0000", "eval_0001", "eval_0002"]
+    written = sorted(path.name for path in (folder / "eval_out").iterdir())
+    listed = [estimate for entry in results["probabilities"] for estimate in entry["estimate"]]
+    assert sorted(estimate["filename"] for estimate in listed) == written and len(written) >= 3
+    for entry in results["probabilities"]:
+        for estimate in entry["estimate"]:
+            slot, label = parse_source_name(entry["soundscape"], estimate["filename"])
+            assert slot in (0, 1) and label == estimate["label"] and 0.0 < estimate["probability"] <= 1.0
+            info = soundfile.info(str(folder / "eval_out" / estimate["filename"]))
+            assert (info.samplerate, info.channels, info.subtype, info.frames) == (SAMPLE_RATE, 1, "PCM_16", LENGTH)
+
+    with zipfile.ZipFile(tmp_path / "submission" / f"{name}.zip") as archive:
+        expected = [f"{name}/eval_out/{file}" for file in written]
+        expected += [f"{name}/eval_results.json", f"{name}/dev_set_test_results.json"]
+        assert sorted(archive.namelist()) == sorted(expected)
+    error = fail(monkeypatch, capsys, *arguments)  # an existing submission is never replaced
+    assert "eval_out exists and is not empty" in error
+
+
+def test_bad_input_gives_clear_errors(checkpoints, data, tmp_path, monkeypatch, capsys):
+    tagger, separator = checkpoints
+    common = ("--data", data, *FAST)
+    error = fail(monkeypatch, capsys, "--tagger", tmp_path / "absent.pt", "--separator", separator, *common)
+    assert "absent.pt" in error and "not found" in error
+    error = fail(monkeypatch, capsys, "--tagger", tagger, "--separator", tagger, *common)
+    assert "tagger.pt: this is a tagger checkpoint, expected a separator" in error
+    (tmp_path / "notes.pt").write_text("not a checkpoint")
+    error = fail(monkeypatch, capsys, "--tagger", tagger, "--separator", tmp_path / "notes.pt", *common)
+    assert "notes.pt: cannot read it as a separator checkpoint" in error
+
+    (tmp_path / "empty" / "soundscape").mkdir(parents=True)
+    (tmp_path / "empty" / "oracle_target").mkdir()
+    error = fail(monkeypatch, capsys, "--tagger", tagger, "--separator", separator, "--data", tmp_path / "empty")
+    assert f"no .wav mixtures in {tmp_path / 'empty' / 'soundscape'}" in error
+
+    write_soundscapes(tmp_path / "slow", ["soundscape_0000"], seed=0, sample_rate=16000)
+    error = fail(monkeypatch, capsys, "--tagger", tagger, "--separator", separator, "--data", tmp_path / "slow")
+    assert "soundscape_0000.wav: 16000 Hz, 4 channels; expected 32000 Hz" in error
+    assert "soundscape_0000_0_Speech.wav: sample rate 16000 Hz, expected 32000 Hz" in error
+    (tmp_path / "slow" / "soundscape" / "soundscape_0000.wav").write_text("not audio")
+    error = fail(monkeypatch, capsys, "--tagger", tagger, "--separator", separator, "--data", tmp_path / "slow")
+    assert "soundscape_0000.wav: not a readable WAV" in error
+
+    error = fail(monkeypatch, capsys, "--estimates", tmp_path, "--tagger", tagger, "--separator", separator)
+    assert "--estimates" in error and "--tagger" in error
+    error = fail(monkeypatch, capsys, "--tagger", tagger, *common)
+    assert "--separator is missing" in error
+    error = fail(monkeypatch, capsys, "--tagger", tagger, "--separator", separator, *common, "--submission",
+                 "--author", "Do_e", "--affiliation", "Lab", "--out", tmp_path / "submission")
+    assert "--author" in error and "Do_e" in error
+    error = fail(monkeypatch, capsys, "--tagger", tagger, "--separator", separator, *common, "--submission",
+                 "--author", "Doe", "--affiliation", "Lab", "--out", tmp_path / "submission",
+                 "--eval_data", tmp_path / "no_eval")
+    assert f"{tmp_path / 'no_eval'}" in error and "DATA/soundscape" in error
+    assert not (tmp_path / "submission").exists()
+
+
+def test_eval_data_may_name_the_soundscape_folder(tmp_path):
+    (tmp_path / "eval" / "soundscape").mkdir(parents=True)
+    assert evaluate.soundscape_root(tmp_path / "eval") == tmp_path / "eval"
+    assert evaluate.soundscape_root(tmp_path / "eval" / "soundscape") == tmp_path / "eval"
