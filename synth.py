@@ -366,6 +366,9 @@ class Renderer:
         for event_list, folder_key, is_foreground in ((foreground, "foreground_dir", True),
                                                       (interference, "interference_dir", False)):
             for event in event_list:
+                if not 0 <= event["event_time"] < config["duration"]:
+                    raise ValueError(f"event {event['source_file']}: event_time {event['event_time']} s is outside "
+                                     f"the {config['duration']} s mixture")
                 path = self.resolve(config[folder_key], event["source_file"])
                 audio = read_audio(path, int(event["source_time"] * SAMPLE_RATE),
                                    int(event["event_duration"] * SAMPLE_RATE))
@@ -457,7 +460,7 @@ class SceneGenerator:
     def _event(self, rng, room, label, file, folder, snr_range, role, position=None):
         relative, frames = file
         duration = frames / SAMPLE_RATE
-        limit = self.config.max_event_duration
+        limit = min(self.config.max_event_duration, self.config.duration)  # an event never outlasts the scene
         source_time, event_duration = (rng.uniform(0, duration - limit), limit) if duration > limit else (0.0, duration)
         event_time = rng.uniform(0, self.config.duration - event_duration)
         position = rng.randrange(room.num_positions) if position is None else position
