@@ -51,7 +51,7 @@ from torch.nn.parallel import DistributedDataParallel
 from metrics import (binary_cross_entropy, capi_sdri, class_aware_pit_snr_loss, label_accuracies, label_counts,
                      masked_snr_loss, pit_cross_entropy, snr, snr_loss)
 from model import SeparatorConfig, TaggerConfig, build_separator, build_tagger, load_separator, load_tagger
-from synth import LABELS, SAMPLE_RATE, SILENCE, GeneratedDataset, MetadataDataset, SceneConfig, collate
+from synth import LABELS, SAMPLE_RATE, GeneratedDataset, MetadataDataset, SceneConfig, collate
 
 TASKS = ("tagging", "separation")
 LOSSES = {"tagging": ("pit_cross_entropy", "binary_cross_entropy"),

@@ -4,7 +4,6 @@ computation of the separator's masks, prediction semantics, fine-tuning sets and
     python -m pytest -q tests/test_model.py
 """
 import dataclasses
-import math
 
 import pytest
 import torch
