@@ -6,7 +6,7 @@ Module and parameter names follow the official checkpoints (timm names for the V
 separator), so official weights load strictly through the small remap table next to `load_tagger`.
 
     python model.py --bench                                   # fwd+bwd ms and peak memory, batch 4 x 10 s
-    python model.py --bench --device cpu --batch_size 1 --seconds 2
+    python model.py --bench --device cpu --batch_size 2 --seconds 1
 """
 import argparse
 import dataclasses

@@ -10,16 +10,24 @@ direct-path window of channel 0 at the same scale. Three dataset modes:
     WaveformDataset    pre-rendered soundscapes with oracle or estimated sources (test / evaluation)
 
     python synth.py --bench --data data/dev_set     # ms per generated training mixture, with a breakdown
+
+Speed: RIR spectra are kept in a per-process memory cache (spectrum_cache_megabytes) and, when a dataset gets
+spectrum_cache_dir, in .npy files there shared by all workers and runs (8 MB per RIR position of the dev set).
 """
 import argparse
 import collections
 import contextlib
+import ctypes
 import dataclasses
+import hashlib
 import json
 import math
 import os
 import random
 import re
+import shutil
+import sys
+import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -42,6 +50,7 @@ LABELS = (  # the 18 target classes, in the official index order
 )
 POSITION_TOLERANCE = 1e-3  # m, a metadata position must lie this close to a stored RIR position
 ROOM_MODULE = "src.modules.spatial_audio_synthesizer.room"  # written into metadata for the official loader
+HEAP_KEEP_MEGABYTES = 128  # freed memory glibc keeps for reuse instead of returning it (see keep_heap_memory)
 spectrum_cache_megabytes = 256  # per process; RIR spectra kept so that repeated positions skip the read + FFT
 _SPECTRA = collections.OrderedDict()  # (sofa path, position, fft length, window) -> spectra, least recent first
 
@@ -84,6 +93,26 @@ class PhaseTimer:
 
 
 TIMER = PhaseTimer()
+_HEAP_TUNED = []  # process ids where keep_heap_memory already ran
+
+
+def keep_heap_memory():
+    """Let glibc keep up to HEAP_KEEP_MEGABYTES of freed memory in the heap (once per process, Linux only).
+
+    A render allocates and frees ~40 MB of FFT buffers (scipy.fft allocates its outputs and work arrays). With
+    glibc's default thresholds that memory goes back to the kernel after every mixture and each reuse pays
+    ~10000 page faults, about 20 ms per mixture. Arrays up to 64 MB then come from the heap, and up to
+    HEAP_KEEP_MEGABYTES of free heap stays mapped for the next mixture.
+    """
+    if os.getpid() in _HEAP_TUNED or not sys.platform.startswith("linux"):
+        return
+    _HEAP_TUNED.append(os.getpid())
+    try:
+        mallopt = ctypes.CDLL("libc.so.6").mallopt
+    except (OSError, AttributeError):  # not glibc (e.g. musl): nothing to tune
+        return
+    mallopt(-3, 64 * 2 ** 20)  # M_MMAP_THRESHOLD
+    mallopt(-1, HEAP_KEEP_MEGABYTES * 2 ** 20)  # M_TRIM_THRESHOLD
 
 
 def audio_info(path):
@@ -150,10 +179,11 @@ class SofaRoom:
             self.rir_length = math.ceil(self.native_length * SAMPLE_RATE / self.native_rate)
         self._file = None
         self._pid = None
+        self._padded = {}  # fft length -> float32 [R, fft length] work buffer with a zero tail
 
-    def __getstate__(self):  # DataLoader workers open their own handle
+    def __getstate__(self):  # DataLoader workers open their own handle and buffers
         state = dict(self.__dict__)
-        state["_file"] = None
+        state["_file"], state["_padded"] = None, {}
         return state
 
     def metadata(self, sofa_path, direct_range_ms):
@@ -179,37 +209,80 @@ class SofaRoom:
         with TIMER("reading"):
             if self._file is None or self._pid != os.getpid():
                 self._file, self._pid = h5py.File(self.path, "r"), os.getpid()
-            response = np.asarray(self._file["Data.IR"][index], dtype=np.float64)
+            response = np.empty((self.num_channels, self.native_length), dtype=np.float64)
+            self._file["Data.IR"].read_direct(response, np.s_[index])
         if self.native_rate != SAMPLE_RATE:
             divisor = math.gcd(SAMPLE_RATE, int(round(self.native_rate)))
             response = scipy.signal.resample_poly(response, SAMPLE_RATE // divisor,
                                                   int(round(self.native_rate)) // divisor, axis=-1)
-        norm = np.sqrt(np.mean(np.sum(response ** 2, axis=-1)))
-        return response / norm if norm > 0 else response
+        norm = math.sqrt(float(np.mean(np.einsum("ij,ij->i", response, response))))
+        if norm > 0:
+            response /= norm
+        return response
 
-    def spectra(self, index, fft_length, direct_range_ms):
-        """(rfft of the normalised RIR, complex64 [R, F]; channel-0 direct-path taps float32 [D]; first tap).
+    def _cache_folder(self, cache_dir, fft_length, direct_range_ms):
+        """Disk-cache folder of this room: keyed by the file (path, size, mtime), the FFT length, the window."""
+        status = self.path.stat()
+        key = f"{self.path.resolve()}|{status.st_size}|{status.st_mtime_ns}|{fft_length}|{list(direct_range_ms)}"
+        return Path(cache_dir) / f"{self.path.stem}-{hashlib.sha1(key.encode()).hexdigest()[:16]}"
 
-        The direct path is [argmax|h0| - before, argmax|h0| + after] inclusive, clipped to the RIR. Results are
-        kept in a per-process LRU cache of `spectrum_cache_megabytes`.
-        """
-        key = (str(self.path), index, fft_length, tuple(direct_range_ms))
-        if key in _SPECTRA:
-            _SPECTRA.move_to_end(key)
-            return _SPECTRA[key]
+    def _compute_spectra(self, index, fft_length, direct_range_ms):
         response = self.rir(index)
         peak = int(np.argmax(np.abs(response[0])))
         first = max(peak - int(direct_range_ms[0] * SAMPLE_RATE / 1000), 0)
         last = min(peak + int(direct_range_ms[1] * SAMPLE_RATE / 1000), response.shape[-1] - 1)
         with TIMER("convolution"):
-            spectrum = scipy.fft.rfft(response.astype(np.float32), fft_length, axis=-1)
-        value = (spectrum, response[0, first:last + 1].astype(np.float32), first)
+            padded = self._padded.get(fft_length)
+            if padded is None:  # zero tail written once; each RIR only overwrites the head
+                self._padded = {fft_length: np.zeros((self.num_channels, fft_length), dtype=np.float32)}
+                padded = self._padded[fft_length]
+            padded[:, :response.shape[-1]] = response
+            spectrum = scipy.fft.rfft(padded, axis=-1)
+        return spectrum, response[0, first:last + 1].astype(np.float32), first
+
+    def spectra(self, index, fft_length, direct_range_ms, cache_dir=None):
+        """(rfft of the normalised RIR, complex64 [R, F]; channel-0 direct-path taps float32 [D]; first tap).
+
+        The direct path is [argmax|h0| - before, argmax|h0| + after] inclusive, clipped to the RIR. Results are
+        kept in a per-process LRU cache of `spectrum_cache_megabytes`. With cache_dir, they are also stored
+        there as .npy files (written once, atomically; keyed by the SOFA file's size and mtime, the FFT length
+        and the window), so that later processes and runs copy them instead of reading and transforming.
+        """
+        key = (str(self.path), index, fft_length, tuple(direct_range_ms))
+        if key in _SPECTRA:
+            _SPECTRA.move_to_end(key)
+            return _SPECTRA[key]
+        value = None
+        if cache_dir is not None:
+            folder = self._cache_folder(cache_dir, fft_length, direct_range_ms)
+            spectrum_path, direct_path = folder / f"{index}.npy", folder / f"{index}.direct.npy"
+            if spectrum_path.is_file():  # written last, so the direct window is complete too
+                with TIMER("reading"):
+                    direct = np.load(direct_path)
+                    value = (np.load(spectrum_path), direct[1:].astype(np.float32), int(direct[0]))
+                if value[0].shape != (self.num_channels, fft_length // 2 + 1) or value[0].dtype != np.complex64:
+                    raise ValueError(f"{spectrum_path}: shape {value[0].shape} {value[0].dtype}, expected "
+                                     f"({self.num_channels}, {fft_length // 2 + 1}) complex64; delete the folder")
+        if value is None:
+            value = self._compute_spectra(index, fft_length, direct_range_ms)
+            if cache_dir is not None:
+                folder.mkdir(parents=True, exist_ok=True)
+                _save_atomically(direct_path, np.concatenate([[value[2]], value[1]]).astype(np.float64))
+                _save_atomically(spectrum_path, value[0])
         limit = spectrum_cache_megabytes * 2 ** 20
-        if spectrum.nbytes <= limit:
+        if value[0].nbytes <= limit:
             _SPECTRA[key] = value
             while sum(cached[0].nbytes for cached in _SPECTRA.values()) > limit:
                 _SPECTRA.popitem(last=False)
         return value
+
+
+def _save_atomically(path, array):
+    """np.save to a temporary name in the same folder, then rename: readers never see a partial file."""
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(temporary, "wb") as file:
+        np.save(file, array)
+    os.replace(temporary, path)
 
 
 def spectrum_energy(spectrum, fft_length):
@@ -329,9 +402,39 @@ class Renderer:
     of a metadata file), so that 'data/dev_set/...' paths work from the repository root and from elsewhere.
     """
 
-    def __init__(self, roots=(".",), rooms=()):
+    def __init__(self, roots=(".",), rooms=(), cache_dir=None):
         self.roots = [Path(root) for root in roots]
         self.rooms = {room.path.resolve(): room for room in rooms}
+        self.cache_dir = cache_dir  # optional folder of RIR spectra shared by processes (SofaRoom.spectra)
+        self._buffers = {}  # work arrays by (shape, dtype), allocated once per process
+
+    def __getstate__(self):  # work arrays are not sent to DataLoader workers
+        state = dict(self.__dict__)
+        state["_buffers"] = {}
+        return state
+
+    def _work(self, name, shape, dtype=np.complex64, zero=False):
+        """A reusable work array: large temporaries allocated per call cost page faults and memory traffic."""
+        key = (name, tuple(shape), np.dtype(dtype))
+        if key not in self._buffers:
+            self._buffers[key] = np.zeros(shape, dtype=dtype)
+        elif zero:
+            self._buffers[key].fill(0)
+        return self._buffers[key]
+
+    def _source_spectra(self, placed, fft_length):
+        """rfft of every (source, onset) zero-padded to fft_length and shifted by its onset -> complex64 [E, F].
+
+        The transforms run as one call on a multiple of 4 rows: pocketfft vectorises 4 rows for the price of ~1.3.
+        """
+        if not placed:
+            return None
+        with TIMER("convolution"):
+            rows = -(-len(placed) // 4) * 4
+            padded = self._work("sources", (rows, fft_length), np.float32, zero=True)
+            for row, (source, onset) in enumerate(placed):
+                padded[row, onset:onset + len(source)] = source
+            return scipy.fft.rfft(padded, axis=-1)
 
     def resolve(self, *parts):
         relative = Path(*parts)
@@ -353,6 +456,7 @@ class Renderer:
         E = foreground events in event_time order. Follows SpAudSyn: int(time * sr) sample arithmetic, peak
         normalisation, level over all channels and the whole convolution, dry = channel-0 direct path.
         """
+        keep_heap_memory()
         config = scene["config"]
         if int(config["sr"]) != SAMPLE_RATE:
             raise ValueError(f"metadata sr {config['sr']}, expected {SAMPLE_RATE}")
@@ -383,18 +487,20 @@ class Renderer:
                 events.append((event, source, int(event["event_time"] * SAMPLE_RATE), position, is_foreground))
         span = max([length] + [onset + len(source) for _, source, onset, _, _ in events])
         fft_length = scipy.fft.next_fast_len(span + room.rir_length - 1, real=True)
-        total = np.zeros((room.num_channels, fft_length // 2 + 1), dtype=np.complex64)
+        source_spectra = self._source_spectra([(source, onset) for _, source, onset, _, _ in events], fft_length)
+        total = None  # (C, F) complex64 sum of the scaled wet spectra
         dry_sources = []
-        for event, source, onset, position, is_foreground in events:
-            room_spectrum, direct, first = room.spectra(position, fft_length, direct_range)
+        for number, (event, source, onset, position, is_foreground) in enumerate(events):
+            room_spectrum, direct, first = room.spectra(position, fft_length, direct_range, self.cache_dir)
             with TIMER("convolution"):
-                padded = np.zeros(fft_length, dtype=np.float32)  # the onset shift is part of the padding
-                padded[onset:onset + len(source)] = source
-                wet = room_spectrum * scipy.fft.rfft(padded)  # (C, F)
+                wet = np.multiply(room_spectrum, source_spectra[number], out=self._work("wet", room_spectrum.shape))
                 energy = spectrum_energy(wet, fft_length) / (room.num_channels * (len(source) + room.rir_length - 1))
                 gain = 10 ** ((config["ref_db"] + event["snr"] - 10 * math.log10(energy)) / 20) if energy > 0 else 1.0
-                wet *= np.float32(gain)
-                total += wet
+                if total is None:
+                    total = np.multiply(wet, np.float32(gain), out=self._work("total", wet.shape))
+                else:
+                    wet *= np.float32(gain)
+                    total += wet
                 if is_foreground:  # the direct path is short: a direct convolution beats another long FFT
                     dry = np.zeros(length, dtype=np.float32)
                     start = onset + first
@@ -403,7 +509,10 @@ class Renderer:
                         dry[start:start + len(part)] = part * np.float32(gain)
                     dry_sources.append(dry)
         with TIMER("convolution"):
-            mixture = scipy.fft.irfft(total, fft_length, axis=-1)[:, :length]
+            if total is None:
+                mixture = np.zeros((room.num_channels, length), dtype=np.float32)
+            else:
+                mixture = scipy.fft.irfft(total, fft_length, axis=-1, overwrite_x=True)[:, :length]
         for event in scene.get("bg_events") or []:
             mixture += self._background(config, event, room.num_channels, length)
         dry = np.stack(dry_sources)[:, None] if dry_sources else np.zeros((0, 1, length), dtype=np.float32)
@@ -594,14 +703,18 @@ def _make_item(mixture, labels, sources, soundscape, modes):
 
 
 class GeneratedDataset(torch.utils.data.Dataset):
-    """Training mixtures generated on the fly; item i is a pure function of (seed, i)."""
+    """Training mixtures generated on the fly; item i is a pure function of (seed, i).
+
+    spectrum_cache_dir: optional folder where RIR spectra are stored once and shared by all workers and runs
+    (8 MB per RIR position for 4 x 174763 taps; see SofaRoom.spectra). It roughly halves the time per mixture.
+    """
 
     def __init__(self, data_root, scene=None, length=1000, seed=0, label_vector_mode="stack",
-                 silence_label_mode="zeros", return_sources=True, split=None):
+                 silence_label_mode="zeros", return_sources=True, split=None, spectrum_cache_dir=None):
         self.index = DataIndex(data_root, split)  # listed once here; workers receive a copy
         self.scene_config = scene if scene is not None else SceneConfig()
         self.generator = SceneGenerator(self.index, self.scene_config)
-        self.renderer = Renderer((".",), self.index.rooms)
+        self.renderer = Renderer((".",), self.index.rooms, spectrum_cache_dir)
         self.length, self.seed = length, seed
         self.modes = (label_vector_mode, silence_label_mode)
         self.return_sources = return_sources
@@ -647,12 +760,13 @@ def metadata_files(metadata_path):
 
 
 class MetadataDataset(torch.utils.data.Dataset):
-    """Mixtures rendered from SpAudSyn metadata JSON files; name = the JSON file stem."""
+    """Mixtures rendered from SpAudSyn metadata JSON files; name = the JSON file stem (spectrum_cache_dir as in
+    GeneratedDataset)."""
 
     def __init__(self, metadata_path, data_root=".", label_vector_mode="stack", silence_label_mode="zeros",
-                 return_sources=True):
+                 return_sources=True, spectrum_cache_dir=None):
         self.files = metadata_files(metadata_path)
-        self.renderer = Renderer([data_root, *Path(metadata_path).resolve().parents])
+        self.renderer = Renderer([data_root, *Path(metadata_path).resolve().parents], (), spectrum_cache_dir)
         self.modes = (label_vector_mode, silence_label_mode)
         self.return_sources = return_sources
 
@@ -735,6 +849,7 @@ class BenchConfig:
     count: int = 40  # mixtures timed per measurement
     seed: int = 0  # generation seed
     cache_megabytes: int = 256  # RIR spectrum cache per process (the measurement is also repeated with 0)
+    cache_dir: str = ""  # folder for the on-disk spectrum cache measurement ('' = a temporary folder, removed)
 
 
 def _measure(label, count, work):
@@ -744,7 +859,7 @@ def _measure(label, count, work):
         work(index)
     total = (time.perf_counter() - start) * 1000 / count
     reading, convolution = (TIMER.seconds[key] * 1000 / count for key in ("reading", "convolution"))
-    print(f"{label:<44} {total:7.1f} ms/mixture  (reading {reading:6.1f}, convolution {convolution:6.1f}, "
+    print(f"{label:<52} {total:7.1f} ms/mixture  (reading {reading:6.1f}, convolution {convolution:6.1f}, "
           f"rest {total - reading - convolution:6.1f})")
 
 
@@ -768,14 +883,32 @@ def bench(config: BenchConfig):
         scipy.fft.rfft(signal)
         timings.append(time.perf_counter() - start)
     print(f"machine load check: one float32 rfft of {fft_length} samples takes {min(timings) * 1000:.2f} ms "
-          f"(median {np.median(timings) * 1000:.2f} ms); the mixture needs about 5 per event + 4")
+          f"(median {np.median(timings) * 1000:.2f} ms)")
+    render = lambda index: dataset.renderer.render(scenes[index])  # noqa: E731
+    spectrum_cache_megabytes = 0
+    start = time.perf_counter()
+    for index in range(config.count):  # brings the RIRs of these scenes into the page cache
+        render(index)
+    print(f"warm-up render of the {config.count} scenes: {time.perf_counter() - start:.1f} s")
     for megabytes in (config.cache_megabytes, 0):
         spectrum_cache_megabytes = megabytes
         _SPECTRA.clear()
-        _measure(f"generate + render, spectrum cache {megabytes} MB", config.count, dataset.__getitem__)
+        _measure(f"generate + render, memory cache {megabytes} MB", config.count, dataset.__getitem__)
         _SPECTRA.clear()
-        _measure(f"render from metadata, spectrum cache {megabytes} MB", config.count,
-                 lambda index: dataset.renderer.render(scenes[index]))
+        _measure(f"render from metadata, memory cache {megabytes} MB", config.count, render)
+    cache_dir = config.cache_dir or tempfile.mkdtemp(prefix="spectra-")
+    try:
+        dataset.renderer.cache_dir = cache_dir
+        start = time.perf_counter()
+        for index in range(config.count):  # fills the disk cache with the positions the scenes use
+            render(index)
+        print(f"disk cache {cache_dir}: filled in {time.perf_counter() - start:.1f} s")
+        _measure("generate + render, disk cache (warm), memory 0 MB", config.count, dataset.__getitem__)
+        _measure("render from metadata, disk cache (warm), memory 0 MB", config.count, render)
+    finally:
+        dataset.renderer.cache_dir = None
+        if not config.cache_dir:
+            shutil.rmtree(cache_dir, ignore_errors=True)
 
 
 def main():

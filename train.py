@@ -87,6 +87,7 @@ class TrainConfig:
     compile: bool = False  # torch.compile the training forward
     device: str = "auto"  # 'cpu', 'cuda' or 'auto' (cuda when available)
     num_workers: int = 2  # DataLoader worker processes per rank that synthesize scenes
+    spectrum_cache_dir: str = ""  # folder for RIR spectra shared by workers and runs ('' = off; 8 MB per position)
     prefetch_factor: int = 4  # batches each worker prepares ahead
     log_interval: int = 10  # steps between log lines
     eval_interval: int = 632  # steps between validations (official: once per epoch)
@@ -597,9 +598,11 @@ def train(cli, config: TrainConfig, model_config, scene: SceneConfig, preset: st
     modes = label_modes(config.task, model_config)
     sampler = StepBatches(step, config.max_steps, accumulation, rank, world_size, config.batch_size)
     try:
+        cache = config.spectrum_cache_dir or None
         train_set = GeneratedDataset(data_root, scene, length=config.max_steps * config.global_batch,
-                                     seed=config.seed, **modes)
-        valid_set = MetadataDataset(data_root / "metadata" / "valid.json", data_root=data_root, **modes)
+                                     seed=config.seed, spectrum_cache_dir=cache, **modes)
+        valid_set = MetadataDataset(data_root / "metadata" / "valid.json", data_root=data_root,
+                                    spectrum_cache_dir=cache, **modes)
     except (OSError, ValueError, KeyError) as error:
         raise SystemExit(f"data root {data_root}: {error}\n{DATA_HINT}")
     valid_count = min(len(valid_set), config.eval_mixtures or len(valid_set))

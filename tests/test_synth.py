@@ -2,6 +2,7 @@
 metadata round trip, determinism across DataLoader workers, duplicate constraints, waveform-mode names, errors."""
 import json
 import math
+import os
 
 import h5py
 import numpy as np
@@ -123,6 +124,24 @@ def test_render_matches_exact_float64_levels_and_dry_window(small_scene):
     assert rendered["labels"] == ["Speech"]
     read = int(scene["fg_events"][0]["event_duration"] * RATE)
     assert read == 64001  # the official int(duration * sr) truncation loses the last sample
+
+
+def test_disk_spectrum_cache_gives_identical_renders(small_scene, tmp_path, monkeypatch):
+    scene, root = small_scene
+    monkeypatch.setattr(synth, "spectrum_cache_megabytes", 0)  # every render goes to the disk cache
+    plain = synth.Renderer([root]).render(scene)
+    renderer = synth.Renderer([root], cache_dir=tmp_path / "cache")
+    first, second = renderer.render(scene), renderer.render(scene)  # written, then read back
+    (folder,) = (tmp_path / "cache").iterdir()
+    assert sorted(path.name for path in folder.iterdir()) == ["2.direct.npy", "2.npy", "4.direct.npy", "4.npy"]
+    for rendered in (first, second):
+        np.testing.assert_array_equal(rendered["mixture"], plain["mixture"])
+        np.testing.assert_array_equal(rendered["dry_sources"], plain["dry_sources"])
+    room = root / "rooms" / "r.sofa"
+    stat = room.stat()
+    os.utime(room, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10 ** 9))  # a changed room never reuses old spectra
+    renderer.render(scene)
+    assert len(list((tmp_path / "cache").iterdir())) == 2
 
 
 def test_render_errors_name_the_file(small_scene, tmp_path):
