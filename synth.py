@@ -93,26 +93,28 @@ class PhaseTimer:
 
 
 TIMER = PhaseTimer()
-_HEAP_TUNED = []  # process ids where keep_heap_memory already ran
+_HEAP_TUNED = {}  # process id -> megabytes of free heap glibc was told to keep
 
 
-def keep_heap_memory():
-    """Let glibc keep up to HEAP_KEEP_MEGABYTES of freed memory in the heap (once per process, Linux only).
+def keep_heap_memory(megabytes=HEAP_KEEP_MEGABYTES):
+    """Let glibc keep up to `megabytes` of freed memory in the heap (Linux only; a larger call wins).
 
-    A render allocates and frees ~40 MB of FFT buffers (scipy.fft allocates its outputs and work arrays). With
-    glibc's default thresholds that memory goes back to the kernel after every mixture and each reuse pays
-    ~10000 page faults, about 20 ms per mixture. Arrays up to 64 MB then come from the heap, and up to
-    HEAP_KEEP_MEGABYTES of free heap stays mapped for the next mixture.
+    A render allocates and frees ~40 MB of FFT buffers (scipy.fft allocates its outputs and work arrays), and a
+    CPU training step frees its activations. With glibc's default thresholds that memory goes back to the kernel
+    every time and each reuse pays page faults (about 20 ms per mixture, 20 % of a demo training step). Arrays
+    up to half of `megabytes` then come from the heap, and up to `megabytes` of free heap stays mapped for the
+    next use. mallopt takes a C int: at most 2047 MB.
     """
-    if os.getpid() in _HEAP_TUNED or not sys.platform.startswith("linux"):
+    if _HEAP_TUNED.get(os.getpid(), 0) >= megabytes or not sys.platform.startswith("linux"):
         return
-    _HEAP_TUNED.append(os.getpid())
+    _HEAP_TUNED[os.getpid()] = megabytes
     try:
         mallopt = ctypes.CDLL("libc.so.6").mallopt
     except (OSError, AttributeError):  # not glibc (e.g. musl): nothing to tune
         return
-    mallopt(-3, 64 * 2 ** 20)  # M_MMAP_THRESHOLD
-    mallopt(-1, HEAP_KEEP_MEGABYTES * 2 ** 20)  # M_TRIM_THRESHOLD
+    megabytes = min(megabytes, 2047)
+    mallopt(-3, megabytes // 2 * 2 ** 20)  # M_MMAP_THRESHOLD
+    mallopt(-1, megabytes * 2 ** 20)  # M_TRIM_THRESHOLD
 
 
 def audio_info(path):
