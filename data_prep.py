@@ -20,6 +20,7 @@ import numpy as np
 import scipy.signal
 import soundfile
 
+from cli import add_config_flags, config_from_args
 from synth import LABELS, SAMPLE_RATE, DataIndex, GeneratedDataset, Renderer, SceneConfig, metadata_files, parse_source_name
 
 SPEED_OF_SOUND = 343.0  # m/s
@@ -420,23 +421,12 @@ def add_data(config: AddDataConfig):
 # Command line
 
 
-def _add_fields(parser, cls, skip=()):
-    for field in dataclasses.fields(cls):
-        if field.name not in skip:
-            parser.add_argument(f"--{field.name}", type=field.type, default=field.default,
-                                help=f"(default {field.default!r})")
-
-
-def _values(arguments, cls):
-    return cls(**{f.name: getattr(arguments, f.name) for f in dataclasses.fields(cls) if hasattr(arguments, f.name)})
-
-
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
-    _add_fields(commands.add_parser("demo", help="write the procedural demo dev set"), DemoConfig)
+    add_config_flags(commands.add_parser("demo", help="write the procedural demo dev set"), DemoConfig)
     commands.add_parser("verify", help="check a dev set").add_argument("--data", default="data/dev_set")
-    _add_fields(commands.add_parser("add-data", help="the official add_data.sh step"), AddDataConfig)
+    add_config_flags(commands.add_parser("add-data", help="the official add_data.sh step"), AddDataConfig)
     render = commands.add_parser("render", help="render SpAudSyn metadata to WAV files")
     render.add_argument("--metadata", default="data/dev_set/metadata/valid.json", help="valid.json or a folder")
     render.add_argument("--out", required=True, help="writes OUT/soundscape and OUT/oracle_target")
@@ -444,7 +434,7 @@ def main():
     arguments = parser.parse_args()
     if arguments.command == "demo":
         start = time.perf_counter()
-        dev_set = make_demo(arguments.out, _values(arguments, DemoConfig))
+        dev_set = make_demo(arguments.out, config_from_args(arguments, DemoConfig))
         size = sum(p.stat().st_size for p in dev_set.rglob("*") if p.is_file()) / 2 ** 20
         print(f"demo dev set written to {dev_set} ({size:.1f} MiB) in {time.perf_counter() - start:.1f} s")
     elif arguments.command == "verify":
@@ -455,7 +445,7 @@ def main():
             sys.exit(1)
         print("ok")
     elif arguments.command == "add-data":
-        add_data(_values(arguments, AddDataConfig))
+        add_data(config_from_args(arguments, AddDataConfig))
     else:
         count = render_metadata(arguments.metadata, arguments.out, arguments.data_root)
         print(f"rendered {count} mixtures to {arguments.out}")

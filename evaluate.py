@@ -43,9 +43,10 @@ from pathlib import Path
 import soundfile
 import torch
 
+from cli import add_config_flags, config_from_args
 from metrics import METRIC_NAMES, MetricAccumulator
 from model import S5, count_parameters, load_separator, load_tagger
-from synth import LABELS, NUM_SLOTS, SAMPLE_RATE, SILENCE, collate, parse_source_name
+from synth import LABELS, SAMPLE_RATE, SILENCE, WaveformDataset, audio_info, collate, index_sources, parse_source_name
 
 MIXTURE_CHANNELS = 4  # microphones of every soundscape
 RESULTS_FILENAME = "results.json"
@@ -91,15 +92,9 @@ class EvaluateConfig:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """One flag per EvaluateConfig field (booleans are switches)."""
+    """One flag per EvaluateConfig field."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    for option in dataclasses.fields(EvaluateConfig):
-        help_text = f"{option.metadata['help']} (default: {option.default!r})"
-        if option.type in (bool, "bool"):
-            parser.add_argument(f"--{option.name}", action="store_true", help=help_text)
-        else:
-            parser.add_argument(f"--{option.name}", type=int if option.type in (int, "int") else str,
-                                default=option.default, choices=option.metadata.get("choices"), help=help_text)
+    add_config_flags(parser, EvaluateConfig)
     return parser
 
 
@@ -156,49 +151,12 @@ def list_soundscapes(data_dir: Path, need_references: bool = True) -> list[Path]
     return paths
 
 
-def index_source_files(folder: Path, soundscapes: list[str]) -> tuple[dict[str, list[tuple[Path, str]]], list[str]]:
-    """Map each soundscape to its source files [(path, label)] (sorted by file name, as the official loader does).
-
-    Returns (index, problems): a problem for every WAV whose name matches no soundscape, matches several, or
-    carries an unknown label. Non-WAV entries are reported on stderr and ignored.
-    """
-    known = set(soundscapes)
-    index: dict[str, list[tuple[Path, str]]] = {name: [] for name in soundscapes}
-    problems, ignored = [], []
-    for path in sorted(folder.iterdir()):
-        if path.suffix != ".wav" or not path.is_file():
-            ignored.append(path.name)
-            continue
-        # A soundscape name is a prefix of the file name ending just before an underscore.
-        candidates = [path.name[:position] for position, character in enumerate(path.name)
-                      if character == "_" and path.name[:position] in known]
-        parsed, errors = [], []
-        for soundscape in candidates:
-            try:
-                parsed.append((soundscape, parse_source_name(soundscape, path.name)[1]))
-            except ValueError as error:
-                errors.append(str(error))
-        if not candidates:
-            problems.append(f"{path}: name matches no soundscape in the data folder")
-        elif not parsed:
-            problems.append(f"{path}: {errors[-1].split(': ', 1)[-1]}")
-        elif len(parsed) > 1:
-            problems.append(f"{path}: name fits several soundscapes ({', '.join(name for name, _ in parsed)})")
-        else:
-            soundscape, label = parsed[0]
-            index[soundscape].append((path, label))
-    if ignored:
-        print(f"warning: ignoring {len(ignored)} non-WAV entries in {folder}: {', '.join(ignored[:5])}"
-              + (" ..." if len(ignored) > 5 else ""), file=sys.stderr)
-    return index, problems
-
-
 def read_header(path: Path):
-    """soundfile.info, with an error naming the file when it is not readable audio."""
+    """synth.audio_info, with an InputError naming the file when it is not readable audio."""
     try:
-        return soundfile.info(str(path))
-    except RuntimeError as error:  # soundfile's LibsndfileError
-        raise InputError(f"{path}: not a readable WAV file ({error})") from None
+        return audio_info(path)
+    except ValueError as error:
+        raise InputError(f"{path}: not a readable WAV file ({str(error).removeprefix(f'{path}: ')})") from None
 
 
 def check_audio_headers(soundscapes: list[Path], sources: dict[str, list[tuple[Path, str]]]) -> list[str]:
@@ -223,23 +181,6 @@ def check_audio_headers(soundscapes: list[Path], sources: dict[str, list[tuple[P
     return problems
 
 
-def read_mixture(path: Path) -> torch.Tensor:
-    """float32 [C, L] mixture in [-1, 1]."""
-    audio, _ = soundfile.read(str(path), dtype="float32", always_2d=True)  # (L, C)
-    return torch.from_numpy(audio.T.copy())  # (C, L)
-
-
-def read_sources(files: list[tuple[Path, str]], length: int) -> tuple[list[str], torch.Tensor]:
-    """Labels and float32 waveforms [max(NUM_SLOTS, n), L] of n mono source files; missing slots are silence
-    with zero waveforms (more than NUM_SLOTS files are all kept, like the official loader)."""
-    labels = [label for _, label in files] + [SILENCE] * max(0, NUM_SLOTS - len(files))
-    waveforms = torch.zeros(len(labels), length)
-    for slot, (path, _) in enumerate(files):
-        audio, _ = soundfile.read(str(path), dtype="float32")
-        waveforms[slot] = torch.from_numpy(audio)
-    return labels, waveforms
-
-
 def soundscape_root(path: Path) -> Path:
     """The folder holding soundscape/: PATH itself, or its parent when PATH is the soundscape folder."""
     return path.parent if path.name == "soundscape" and not (path / "soundscape").is_dir() else path
@@ -254,7 +195,7 @@ def list_inputs(data_dir: Path, with_references: bool, batch_size: int):
     soundscapes = list_soundscapes(data_dir, need_references=with_references)
     references, problems = None, []
     if with_references:
-        references, problems = index_source_files(data_dir / "oracle_target", [path.stem for path in soundscapes])
+        references, problems = index_sources(data_dir / "oracle_target", [path.stem for path in soundscapes])
     problems += check_audio_headers(soundscapes, references or {})
     lengths = {read_header(path).frames for path in soundscapes}
     if batch_size > 1 and len(lengths) > 1:
@@ -265,36 +206,22 @@ def list_inputs(data_dir: Path, with_references: bool, batch_size: int):
     return soundscapes, references
 
 
-class SoundscapeDataset(torch.utils.data.Dataset):
-    """Reads one mixture (and its references) per item, so DataLoader workers read ahead of the model.
-
-    Item: {'soundscape': name, 'mixture': float32 [4, L]} plus, with references, 'ref_labels' (>= 3 labels,
-    silence-padded) and 'ref_waveforms' float32 [R, L].
-    """
-
-    def __init__(self, soundscapes: list[Path], references: dict | None):
-        self.soundscapes, self.references = soundscapes, references
-
-    def __len__(self):
-        return len(self.soundscapes)
-
-    def __getitem__(self, index: int) -> dict:
-        path = self.soundscapes[index]
-        item = {"soundscape": path.stem, "mixture": read_mixture(path)}
-        if self.references is not None:
-            item["ref_labels"], item["ref_waveforms"] = read_sources(self.references[path.stem],
-                                                                     item["mixture"].shape[-1])
-        return item
+def open_dataset(data_dir: Path, with_references: bool, batch_size: int) -> WaveformDataset:
+    """synth.WaveformDataset of DATA (items: 'soundscape', 'mixture' float32 [4, L] and, with references, 'label'
+    (>= 3 labels, silence-padded) and 'dry_sources' float32 [R, 1, L]), after list_inputs checked every file."""
+    list_inputs(data_dir, with_references, batch_size)
+    return WaveformDataset(data_dir / "soundscape", data_dir / "oracle_target" if with_references else None)
 
 
 def collate_soundscapes(items: list[dict]) -> dict:
     """synth.collate after padding the references of a batch to a common count (a soundscape may have > 3)."""
-    if "ref_labels" in items[0]:
-        count = max(len(item["ref_labels"]) for item in items)
+    if "label" in items[0]:
+        count = max(len(item["label"]) for item in items)
         for item in items:
-            waveforms, missing = item["ref_waveforms"], count - len(item["ref_labels"])
-            item["ref_labels"] = item["ref_labels"] + [SILENCE] * missing
-            item["ref_waveforms"] = torch.cat([waveforms, waveforms.new_zeros(missing, waveforms.shape[-1])])
+            missing = count - len(item["label"])
+            item["label"] = item["label"] + [SILENCE] * missing
+            for key in ("label_vector", "dry_sources"):  # all-zero rows = silence
+                item[key] = torch.cat([item[key], item[key].new_zeros(missing, *item[key].shape[1:])])
     return collate(items)
 
 
@@ -337,8 +264,8 @@ def score_estimates(data_dir: Path, estimate_dir: Path, metric: str) -> tuple[Me
     if not estimate_dir.is_dir():
         raise InputError(f"estimate folder {estimate_dir} does not exist")
     names = [path.stem for path in soundscapes]
-    references, reference_problems = index_source_files(data_dir / "oracle_target", names)
-    estimates, estimate_problems = index_source_files(estimate_dir, names)
+    references, reference_problems = index_sources(data_dir / "oracle_target", names)
+    estimates, estimate_problems = index_sources(estimate_dir, names)
     problems = reference_problems + estimate_problems
     problems += check_audio_headers(soundscapes, references) + check_audio_headers(soundscapes, estimates)
     if problems:
@@ -350,14 +277,14 @@ def score_estimates(data_dir: Path, estimate_dir: Path, metric: str) -> tuple[Me
     accumulator = MetricAccumulator(metric)
     progress = Progress(len(soundscapes))
     read_seconds = 0.0
-    for path in soundscapes:
+    dataset = WaveformDataset(data_dir / "soundscape", data_dir / "oracle_target", estimate_dir=estimate_dir)
+    for index in range(len(dataset)):
         start = time.perf_counter()
-        mixture = read_mixture(path)
-        ref_labels, ref_waveforms = read_sources(references[path.stem], mixture.shape[-1])
-        est_labels, est_waveforms = read_sources(estimates[path.stem], mixture.shape[-1])
+        item = dataset[index]
         read_seconds += time.perf_counter() - start
-        accumulator.update([est_labels], est_waveforms[None], [ref_labels], ref_waveforms[None],
-                           mixture[None, 0], [path.stem])  # (1, S, L), (1, R, L), (1, L) = mic channel 0
+        accumulator.update([item["est_label"]], item["est_dry_sources"][None, :, 0], [item["label"]],
+                           item["dry_sources"][None, :, 0], item["mixture"][None, 0],
+                           [item["soundscape"]])  # (1, S, L), (1, R, L), (1, L) = mic channel 0
         progress.step()
     timing = {"mixtures": len(soundscapes), "read_seconds": read_seconds, "metric_seconds": accumulator.seconds}
     return accumulator, timing
@@ -473,7 +400,7 @@ def load_system(config: EvaluateConfig, device: torch.device) -> tuple[S5, int, 
     return system, count_parameters(system), models
 
 
-def separate_all(system: S5, dataset: SoundscapeDataset, config: EvaluateConfig, device: torch.device,
+def separate_all(system: S5, dataset: WaveformDataset, config: EvaluateConfig, device: torch.device,
                  timing: dict):
     """Yields (batch, est_labels, probabilities float32 [B, 3], waveforms float32 [B, 3, L]) on the CPU in
     soundscape order, while DataLoader workers read the next batches. Adds to timing['model_seconds'] and
@@ -513,7 +440,7 @@ def write_sources(folder: Path, soundscape: str, labels: list[str], waveforms: t
     return written
 
 
-def evaluate_system(system: S5, dataset: SoundscapeDataset, config: EvaluateConfig, device: torch.device,
+def evaluate_system(system: S5, dataset: WaveformDataset, config: EvaluateConfig, device: torch.device,
                     waveform_dir: Path | None = None, plot_dir: Path | None = None):
     """Separate every soundscape and score it against its oracle targets (mixture = mic channel 0, like the
     official evaluator). Returns (accumulator, {soundscape: 3 slot probabilities}, timing)."""
@@ -521,8 +448,9 @@ def evaluate_system(system: S5, dataset: SoundscapeDataset, config: EvaluateConf
     probabilities, timing = {}, {"model_seconds": 0.0, "soundscapes": 0}
     start = time.perf_counter()
     for batch, labels, slot_probabilities, waveforms in separate_all(system, dataset, config, device, timing):
-        values = accumulator.update(labels, waveforms, batch["ref_labels"], batch["ref_waveforms"],
-                                    batch["mixture"][:, 0], batch["soundscape"])  # (B, 3, L), (B, R, L), (B, L)
+        references = batch["dry_sources"][:, :, 0]  # (B, R, L)
+        values = accumulator.update(labels, waveforms, batch["label"], references, batch["mixture"][:, 0],
+                                    batch["soundscape"])  # (B, 3, L), (B, R, L), (B, L)
         for b, soundscape in enumerate(batch["soundscape"]):
             probabilities[soundscape] = slot_probabilities[b].tolist()
             if waveform_dir is not None:
@@ -531,7 +459,7 @@ def evaluate_system(system: S5, dataset: SoundscapeDataset, config: EvaluateConf
                 score = "no target sources" if values[b] is None else \
                     f"{METRIC_NAMES[config.metric]} {values[b]:.2f} dB"
                 plot_soundscape(plot_dir / f"{soundscape}.png", f"{soundscape}: {score}", batch["mixture"][b, 0],
-                                (batch["ref_labels"][b], batch["ref_waveforms"][b]),
+                                (batch["label"][b], references[b]),
                                 (labels[b], waveforms[b], slot_probabilities[b]))
     timing["seconds"] = time.perf_counter() - start
     return accumulator, probabilities, timing
@@ -608,7 +536,7 @@ def check_submission_target(out: Path, name: str):
         raise InputError(f"refusing to overwrite {', '.join(existing)}; remove them or choose another --number")
 
 
-def separate_eval_set(system: S5, dataset: SoundscapeDataset, config: EvaluateConfig, device: torch.device,
+def separate_eval_set(system: S5, dataset: WaveformDataset, config: EvaluateConfig, device: torch.device,
                       eval_out: Path) -> tuple[list[dict], dict]:
     """16-bit WAVs of every non-silent slot -> ([{'soundscape', 'estimate': [{'filename', 'label',
     'probability'}]}], timing); probability = the tagger's max softmax of that slot."""
@@ -639,25 +567,19 @@ def verify_eval_output(folder: Path, soundscapes: list[Path]):
     <soundscape>_<i>_<label>.wav of exactly one soundscape with a valid label, mono 32 kHz 16-bit PCM as long as
     its mixture, and eval_results.json lists exactly these files (each once, with the same label)."""
     frames = {path.stem: read_header(path).frames for path in soundscapes}
-    problems = []
-    files = sorted(path.name for path in (folder / "eval_out").iterdir())
-    for filename in files:
-        path = folder / "eval_out" / filename
-        parsed = []
-        for soundscape in (name for name in frames if filename.startswith(name + "_")):
-            try:
-                parsed.append((soundscape, *parse_source_name(soundscape, filename)))
-            except ValueError:
-                pass
-        if len(parsed) != 1 or parsed[0][1] is None:
-            problems.append(f"{path}: expected '<soundscape>_<i>_<label>.wav' of exactly one eval soundscape "
-                            f"with a label from the 18 classes")
-            continue
-        info = soundfile.info(str(path))
-        if (info.samplerate, info.channels, info.subtype, info.frames) != (SAMPLE_RATE, 1, "PCM_16",
-                                                                           frames[parsed[0][0]]):
-            problems.append(f"{path}: {info.samplerate} Hz, {info.channels} channels, {info.subtype}, {info.frames} "
-                            f"samples; expected {SAMPLE_RATE} Hz mono PCM_16 of {frames[parsed[0][0]]} samples")
+    files = sorted(path.name for path in (folder / "eval_out").iterdir())  # non-WAV entries fail the list check
+    index, problems = index_sources(folder / "eval_out", list(frames))
+    for soundscape, sources in index.items():
+        for path, _ in sources:
+            if parse_source_name(soundscape, path.name)[0] is None:
+                problems.append(f"{path}: expected '<soundscape>_<i>_<label>.wav' (with the output slot i)")
+                continue
+            info = read_header(path)
+            if (info.samplerate, info.channels, info.subtype, info.frames) != (SAMPLE_RATE, 1, "PCM_16",
+                                                                               frames[soundscape]):
+                problems.append(f"{path}: {info.samplerate} Hz, {info.channels} channels, {info.subtype}, "
+                                f"{info.frames} samples; expected {SAMPLE_RATE} Hz mono PCM_16 of "
+                                f"{frames[soundscape]} samples")
     estimates = [estimate for entry in json.loads((folder / EVAL_RESULTS_FILENAME).read_text())["probabilities"]
                  for estimate in entry["estimate"]]
     listed = [estimate["filename"] for estimate in estimates]
@@ -714,7 +636,7 @@ def run_inference(config: EvaluateConfig):
         raise InputError(f"{', '.join(map(str, stale))} already hold files of an earlier run; pass --overwrite to "
                          "replace them or choose another --out")
     device = resolve_device(config.device)
-    dataset = SoundscapeDataset(*list_inputs(Path(config.data), True, config.batch_size))
+    dataset = open_dataset(Path(config.data), True, config.batch_size)
     system, nparams, models = load_system(config, device)
     for folder, paths in stale.items():  # old estimates must not mix with the new ones
         for path in paths:
@@ -741,7 +663,7 @@ def run_submission(config: EvaluateConfig):
     folder = out / name
     check_submission_target(out, name)
     device = resolve_device(config.device)
-    dev_dataset = SoundscapeDataset(*list_inputs(Path(config.data), True, config.batch_size))
+    dev_dataset = open_dataset(Path(config.data), True, config.batch_size)
     eval_root = soundscape_root(Path(config.eval_data))
     eval_soundscapes, _ = list_inputs(eval_root, False, config.batch_size)
     system, nparams, models = load_system(config, device)
@@ -756,7 +678,7 @@ def run_submission(config: EvaluateConfig):
 
     print(f"[2/3] evaluation set {eval_root / 'soundscape'} -> {folder / 'eval_out'}", file=sys.stderr)
     (folder / "eval_out").mkdir(parents=True, exist_ok=True)
-    entries, timing = separate_eval_set(system, SoundscapeDataset(eval_soundscapes, None), config, device,
+    entries, timing = separate_eval_set(system, WaveformDataset(eval_root / "soundscape"), config, device,
                                         folder / "eval_out")
     print_speed(timing, config, device)
     write_results({"nparams": nparams, "probabilities": entries,
@@ -772,7 +694,7 @@ def run_submission(config: EvaluateConfig):
 
 def main():
     parser = build_parser()
-    config = EvaluateConfig(**vars(parser.parse_args()))
+    config = config_from_args(parser.parse_args(), EvaluateConfig)
     problem = check_flags(config)
     if problem:
         parser.error(problem)

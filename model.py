@@ -21,6 +21,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torchaudio
 
+from cli import add_config_flags, config_from_args
 from synth import LABELS, NUM_SLOTS, SAMPLE_RATE, SILENCE
 
 NUM_CLASSES = len(LABELS)  # 18 target classes: the separator's query size
@@ -752,42 +753,50 @@ class SpectrogramRoundTrip(nn.Module):
             return self.separator.waveform(real * self.gain, imag * self.gain, L).view(B, NUM_SLOTS, L)
 
 
+@dataclass
+class BenchConfig:
+    device: str = "auto"  # 'cpu', 'cuda' or 'auto' (cuda when available)
+    batch_size: int = 4  # mixtures per step; >= 2, the heads' BatchNorm trains on batch statistics
+    seconds: float = 10.0  # s, input length
+    steps: int = 5  # timed steps per measurement
+    finetuning: str = "head"  # tagger trainable part during the benchmark
+    base_channels: int = 32  # separator width
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--bench", action="store_true", help="time forward+backward of the models")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--batch_size", type=int, default=4, help=">= 2: the heads' BatchNorm trains on batch statistics")
-    parser.add_argument("--seconds", type=float, default=10.0, help="input length, s")
-    parser.add_argument("--steps", type=int, default=5, help="timed steps per measurement")
-    parser.add_argument("--finetuning", default="head", help="tagger trainable part during the benchmark")
-    parser.add_argument("--base_channels", type=int, default=32, help="separator width")
-    args = parser.parse_args()
-    if not args.bench:
+    add_config_flags(parser, BenchConfig)
+    arguments = parser.parse_args()
+    if not arguments.bench:
         parser.print_help()
         return
-    if args.batch_size < 2:
+    config = config_from_args(arguments, BenchConfig)
+    if config.batch_size < 2:
         parser.error("--batch_size must be at least 2 (train-mode BatchNorm needs more than one item)")
-    device = torch.device(args.device)
+    if config.device == "auto":
+        config.device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(config.device)
     torch.manual_seed(0)
-    mixture = torch.randn(args.batch_size, 4, int(args.seconds * SAMPLE_RATE), device=device) * 0.1
-    queries = torch.zeros(args.batch_size, NUM_SLOTS, NUM_CLASSES, device=device)
+    mixture = torch.randn(config.batch_size, 4, int(config.seconds * SAMPLE_RATE), device=device) * 0.1
+    queries = torch.zeros(config.batch_size, NUM_SLOTS, NUM_CLASSES, device=device)
     queries[:, 0, 0] = queries[:, 1, 5] = 1.0
-    separator_config = SeparatorConfig(base_channels=args.base_channels)
+    separator_config = SeparatorConfig(base_channels=config.base_channels)
     models = {
-        "tagger 1c": (build_tagger(TaggerConfig(finetuning=args.finetuning)), (mixture,)),
-        "tagger 4c": (build_tagger(TaggerConfig(num_channels=4, finetuning=args.finetuning)), (mixture,)),
+        "tagger 1c": (build_tagger(TaggerConfig(finetuning=config.finetuning)), (mixture,)),
+        "tagger 4c": (build_tagger(TaggerConfig(num_channels=4, finetuning=config.finetuning)), (mixture,)),
         "separator (torch.stft)": (build_separator(separator_config), (mixture, queries)),
         "separator (conv STFT, official)": (ConvSTFTSeparator(separator_config), (mixture, queries)),
         "STFT+ISTFT only (torch.stft)": (SpectrogramRoundTrip(Separator(SeparatorConfig(base_channels=1))), (mixture, queries)),
         "STFT+ISTFT only (conv, official)": (SpectrogramRoundTrip(ConvSTFTSeparator(SeparatorConfig(base_channels=1))),
                                              (mixture, queries)),
     }
-    print(f"device {device}, batch {args.batch_size} x {args.seconds} s, tagger finetuning '{args.finetuning}', "
-          f"separator width {args.base_channels}")
+    print(f"device {device}, batch {config.batch_size} x {config.seconds} s, tagger finetuning '{config.finetuning}', "
+          f"separator width {config.base_channels}")
     for name, (model, inputs) in models.items():
         model.to(device)
         for dtype in (torch.float32, torch.bfloat16):
-            ms, memory = time_train_step(model, inputs, dtype, args.steps, device)
+            ms, memory = time_train_step(model, inputs, dtype, config.steps, device)
             print(f"{name:32s} {str(dtype).replace('torch.', ''):9s} fwd+bwd {ms:9.1f} ms   peak {memory}")
         model.cpu()
 

@@ -39,6 +39,8 @@ import scipy.signal
 import soundfile
 import torch
 
+from cli import add_config_flags, config_from_args
+
 # Constants owned by the data side; every other file imports them from here.
 SAMPLE_RATE = 32000  # Hz, the only rate the dev set and the models use
 NUM_SLOTS = 3  # output slots per mixture (up to three target events)
@@ -788,10 +790,48 @@ class MetadataDataset(torch.utils.data.Dataset):
         return item
 
 
+def index_sources(folder, soundscapes):
+    """Map each soundscape name to its source files [(path, label)] in folder, sorted by file name (the official
+    loader's order). Returns (index, problems): a problem for every WAV whose name matches no soundscape, fits
+    several, or carries an unknown label. Entries that are not WAV files are warned about and ignored.
+    """
+    folder = Path(folder)
+    known = set(soundscapes)
+    index = {name: [] for name in soundscapes}
+    problems, ignored = [], []
+    for path in sorted(folder.iterdir()):
+        if path.suffix != ".wav" or not path.is_file():
+            ignored.append(path.name)
+            continue
+        # A soundscape name is a prefix of the file name ending just before an underscore.
+        candidates = [path.name[:position] for position, character in enumerate(path.name)
+                      if character == "_" and path.name[:position] in known]
+        parsed, errors = [], []
+        for soundscape in candidates:
+            try:
+                parsed.append((soundscape, parse_source_name(soundscape, path.name)[1]))
+            except ValueError as error:
+                errors.append(str(error))
+        if not candidates:
+            problems.append(f"{path}: name matches no soundscape in the data folder")
+        elif not parsed:
+            problems.append(f"{path}: {errors[-1].split(': ', 1)[-1]}")
+        elif len(parsed) > 1:
+            problems.append(f"{path}: name fits several soundscapes ({', '.join(name for name, _ in parsed)})")
+        else:
+            soundscape, label = parsed[0]
+            index[soundscape].append((path, label))
+    if ignored:  # a warning (shown once per process), since callers may index the same folder twice
+        warnings.warn(f"ignoring {len(ignored)} non-WAV entries in {folder}: {', '.join(ignored[:5])}"
+                      + (" ..." if len(ignored) > 5 else ""))
+    return index, problems
+
+
 class WaveformDataset(torch.utils.data.Dataset):
     """Pre-rendered soundscapes (<soundscape_dir>/*.wav) with sources named '<soundscape>_<n>_<label>.wav'.
 
     target_dir gives 'label', 'label_vector', 'dry_sources'; estimate_dir gives the same keys prefixed 'est_'.
+    More than NUM_SLOTS sources of one soundscape are all kept; fewer are padded with silence.
     """
 
     def __init__(self, soundscape_dir, target_dir=None, label_vector_mode="stack", silence_label_mode="zeros",
@@ -799,9 +839,13 @@ class WaveformDataset(torch.utils.data.Dataset):
         self.files = sorted(Path(soundscape_dir).glob("*.wav"))
         if not self.files:
             raise ValueError(f"{soundscape_dir}: no .wav soundscapes")
-        self.source_dirs = {"": target_dir, "est_": estimate_dir}
-        self.listings = {prefix: sorted(p.name for p in Path(folder).glob("*.wav"))
-                         for prefix, folder in self.source_dirs.items() if folder is not None}
+        self.sources, problems = {}, []  # prefix -> {soundscape: [(path, label)]}
+        for prefix, folder in (("", target_dir), ("est_", estimate_dir)):
+            if folder is not None:
+                self.sources[prefix], found = index_sources(folder, [path.stem for path in self.files])
+                problems += found
+        if problems:
+            raise ValueError(f"{len(problems)} bad source file name(s):\n" + "\n".join(problems))
         self.modes = (label_vector_mode, silence_label_mode)
 
     def __len__(self):
@@ -811,15 +855,15 @@ class WaveformDataset(torch.utils.data.Dataset):
         path = self.files[index]
         mixture = read_audio(path)
         item = {"mixture": torch.from_numpy(mixture), "soundscape": path.stem}
-        for prefix, names in self.listings.items():
+        for prefix, sources_of in self.sources.items():
             labels, sources = [], []
-            for name in names:
-                if name.startswith(path.stem + "_"):
-                    labels.append(parse_source_name(path.stem, name)[1])
-                    source = read_audio(Path(self.source_dirs[prefix]) / name)
-                    if len(source) != 1 or source.shape[1] != mixture.shape[1]:
-                        raise ValueError(f"{name}: shape {source.shape}, expected mono of {mixture.shape[1]} samples")
-                    sources.append(source)
+            for source_path, label in sources_of[path.stem]:
+                source = read_audio(source_path)
+                if len(source) != 1 or source.shape[1] != mixture.shape[1]:
+                    raise ValueError(f"{source_path}: shape {source.shape}, expected mono of {mixture.shape[1]} "
+                                     "samples")
+                labels.append(label)
+                sources.append(source)
             sources = np.stack(sources) if sources else np.zeros((0, 1, mixture.shape[1]), dtype=np.float32)
             labels, vector, sources = _slots(labels, sources, mixture.shape[1], self.modes)
             item.update({prefix + "label": labels, prefix + "label_vector": vector, prefix + "dry_sources": sources})
@@ -916,13 +960,11 @@ def bench(config: BenchConfig):
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--bench", action="store_true", help="run the synthesis benchmark")
-    for field in dataclasses.fields(BenchConfig):
-        parser.add_argument(f"--{field.name}", type=field.type if callable(field.type) else str,
-                            default=field.default, help=f"(default {field.default})")
+    add_config_flags(parser, BenchConfig)
     arguments = parser.parse_args()
     if not arguments.bench:
         parser.error("nothing to do; use --bench")
-    bench(BenchConfig(**{field.name: getattr(arguments, field.name) for field in dataclasses.fields(BenchConfig)}))
+    bench(config_from_args(arguments, BenchConfig))
 
 
 if __name__ == "__main__":

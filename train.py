@@ -28,12 +28,10 @@ Differences from the official Lightning recipe, on purpose:
 import argparse
 import dataclasses
 import difflib
-import inspect
 import json
 import math
 import os
 import random
-import re
 import resource
 import shutil
 import signal
@@ -48,6 +46,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
+from cli import add_config_flags
 from metrics import (binary_cross_entropy, capi_sdri, class_aware_pit_snr_loss, label_accuracies, label_counts,
                      masked_snr_loss, pit_cross_entropy, snr, snr_loss)
 from model import SeparatorConfig, TaggerConfig, build_separator, build_tagger, load_separator, load_tagger
@@ -146,19 +145,6 @@ PRESETS = {
 OFFICIAL_PRESET = {"tagging": "m2dat_1c", "separation": "resunetk_capisdr"}
 
 
-def field_comments(cls) -> dict[str, str]:
-    """The trailing '# comment' of every field in a dataclass's source, used as its --help text."""
-    try:
-        source = inspect.getsource(cls)
-    except (OSError, TypeError):
-        return {}
-    return dict(re.findall(r"^\s+(\w+)\s*:[^=\n]*=[^#\n]*#\s*(.*)$", source, flags=re.MULTILINE))
-
-
-def flag_name(section: str, name: str) -> str:
-    return f"--{name}" if section == "train" else f"--{section}.{name}"
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
                                      allow_abbrev=False)
@@ -166,22 +152,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--config", help="a run's config.json; its values override the preset")
     parser.add_argument("--resume", action="store_true", help="continue the run in --out_dir from its last.pt")
     for section, cls in SECTIONS.items():
-        group = parser.add_argument_group(f"{cls.__name__} (--{section}.* flags)" if section != "train" else
-                                          "TrainConfig")
-        comments = field_comments(cls)
-        for field in dataclasses.fields(cls):
-            default = getattr(cls(), field.name)
-            option = dict(dest=f"{section}.{field.name}", default=argparse.SUPPRESS, metavar=field.name.upper(),
-                          help=f"{comments.get(field.name, '')} (default {default!r})")
-            if isinstance(default, bool):
-                option["action"] = argparse.BooleanOptionalAction
-                del option["metavar"]
-            elif isinstance(default, (tuple, list)):
-                option.update(nargs=len(default) if isinstance(default, tuple) else "+",
-                              type=type(default[0]) if default else str)
-            else:
-                option["type"] = type(default) if default is not None else str
-            group.add_argument(flag_name(section, field.name), **option)
+        # TrainConfig fields are plain flags (--lr); the others carry their section (--separator.base_channels).
+        group = parser.add_argument_group(cls.__name__ if section == "train" else
+                                          f"{cls.__name__} (--{section}.* flags)")
+        add_config_flags(group, cls, prefix="" if section == "train" else f"{section}.",
+                         dest_prefix=f"{section}.", layered=True)
     return parser
 
 
@@ -526,6 +501,8 @@ def main(argv=None) -> None:
     handlers = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
     try:
         train(cli, config, model_config, scene, preset, rank, local_rank, world_size, device)
+        if world_size > 1:  # no rank tears the process group down while another still uses it
+            dist.barrier()
     finally:
         for signum, handler in handlers.items():  # train() installs its own; a caller gets its handlers back
             signal.signal(signum, handler)

@@ -18,7 +18,7 @@ import torch
 
 import evaluate
 import model
-from synth import LABELS, SAMPLE_RATE, SILENCE, parse_source_name
+from synth import LABELS, SAMPLE_RATE, SILENCE, parse_source_name, read_audio
 
 REPOSITORY = Path(__file__).resolve().parent.parent
 LENGTH = SAMPLE_RATE  # 1 s mixtures keep each run to seconds
@@ -89,7 +89,7 @@ def system_arguments(checkpoints, data):
 def expected_outputs(checkpoints, data):
     """Labels and probabilities computed here with model.S5 on the same files."""
     system = model.S5(model.load_tagger(str(checkpoints[0])), model.load_separator(str(checkpoints[1])))
-    mixtures = torch.stack([evaluate.read_mixture(data / "soundscape" / f"{name}.wav") for name in SCENES])
+    mixtures = torch.stack([torch.from_numpy(read_audio(data / "soundscape" / f"{name}.wav")) for name in SCENES])
     output = system(mixtures)
     return output["label"], output["probabilities"], model.count_parameters(system)
 
