@@ -306,13 +306,18 @@ class Tagger(nn.Module):
 
     @torch.no_grad()
     def predict(self, waveform: torch.Tensor, threshold: float = 0.5) -> tuple[list[list[str]], torch.Tensor]:
-        """waveform [B, C, L] -> (3 labels per item, probabilities [B, 3]).
+        """waveform [B, C, L] -> (3 labels per item, probabilities [B, 3]), by labels_from_logits."""
+        return self.labels_from_logits(self(waveform).float(), threshold)
+
+    @torch.no_grad()
+    def labels_from_logits(self, logits: torch.Tensor, threshold: float = 0.5) -> tuple[list[list[str]], torch.Tensor]:
+        """logits of forward -> (3 labels per item, probabilities [B, 3]).
 
         2026: per slot the arg-max of the softmax over 19 classes (silence = 18) and its probability.
         2025: classes with sigmoid >= threshold (at least the arg-max, at most the 3 most probable), listed in
         class-index order and padded with 'silence' (probability 0) to 3 slots.
         """
-        logits = self(waveform).float()
+        logits = logits.float()
         names = LABELS + (SILENCE,)
         if self.config.head == "avg_linear":
             probabilities, indices = logits.softmax(-1).max(-1)  # (B, 3)

@@ -9,10 +9,16 @@ direct-path window of channel 0 at the same scale. Three dataset modes:
     MetadataDataset    scenes from SpAudSyn metadata JSON files (validation)
     WaveformDataset    pre-rendered soundscapes with oracle or estimated sources (test / evaluation)
 
-    python synth.py --bench --data data/dev_set     # ms per generated training mixture, with a breakdown
+Rendering has two halves. Renderer.prepare (cheap, in DataLoader workers) reads and peak-normalises the events and
+the background of a scene into a compact record; render_scenes (the FFT math, written once in torch) renders a
+whole batch of records on any device: the worker's CPU (datasets with render=True, the default) or the training
+GPU (render=False; train.py --render_on device calls BatchRenderer once per step).
 
-Speed: RIR spectra are kept in a per-process memory cache (spectrum_cache_megabytes) and, when a dataset gets
-spectrum_cache_dir, in .npy files there shared by all workers and runs (8 MB per RIR position of the dev set).
+    python synth.py --bench --data data/dev_set --device cpu    # worker ms per mixture, device mixtures/s
+    python synth.py --bench --data data/dev_set --device cuda
+
+Speed: RIR spectra are kept per device (RirSpectra: bounded in bytes) and, with spectrum_cache_dir, also in .npy
+files there shared by all processes and runs (10 MB per RIR position of the dev set).
 """
 import argparse
 import collections
@@ -53,8 +59,8 @@ LABELS = (  # the 18 target classes, in the official index order
 POSITION_TOLERANCE = 1e-3  # m, a metadata position must lie this close to a stored RIR position
 ROOM_MODULE = "src.modules.spatial_audio_synthesizer.room"  # written into metadata for the official loader
 HEAP_KEEP_MEGABYTES = 128  # freed memory glibc keeps for reuse instead of returning it (see keep_heap_memory)
-spectrum_cache_megabytes = 256  # per process; RIR spectra kept so that repeated positions skip the read + FFT
-_SPECTRA = collections.OrderedDict()  # (sofa path, position, fft length, window) -> spectra, least recent first
+spectrum_cache_megabytes = 256  # per worker process; RIR spectra kept so that repeated positions skip the read + FFT
+CPU_KERNELS = True  # CPU tensors use scipy.fft and a copy per event (faster there); False runs the GPU code (tests)
 
 
 @dataclasses.dataclass
@@ -80,17 +86,26 @@ class SceneConfig:
 
 
 class PhaseTimer:
-    """Accumulates wall time per phase ('reading', 'convolution') for the benchmark; costs ~1 us per call."""
+    """Accumulates wall time per phase ('reading', 'sources', ...) for the benchmark; costs ~1 us per call.
+
+    With `device` set to a CUDA device, each phase first waits for the work queued on it: a correct breakdown for
+    the benchmark, and a stall anywhere else (the default None never waits).
+    """
 
     def __init__(self):
         self.seconds = collections.Counter()
+        self.device = None
 
     @contextlib.contextmanager
     def __call__(self, phase):
+        if self.device is not None:
+            torch.cuda.synchronize(self.device)
         start = time.perf_counter()
         try:
             yield
         finally:
+            if self.device is not None:
+                torch.cuda.synchronize(self.device)
             self.seconds[phase] += time.perf_counter() - start
 
 
@@ -183,11 +198,10 @@ class SofaRoom:
             self.rir_length = math.ceil(self.native_length * SAMPLE_RATE / self.native_rate)
         self._file = None
         self._pid = None
-        self._padded = {}  # fft length -> float32 [R, fft length] work buffer with a zero tail
 
-    def __getstate__(self):  # DataLoader workers open their own handle and buffers
+    def __getstate__(self):  # DataLoader workers open their own handle
         state = dict(self.__dict__)
-        state["_file"], state["_padded"] = None, {}
+        state["_file"] = None
         return state
 
     def metadata(self, sofa_path, direct_range_ms):
@@ -224,62 +238,6 @@ class SofaRoom:
             response /= norm
         return response
 
-    def _cache_folder(self, cache_dir, fft_length, direct_range_ms):
-        """Disk-cache folder of this room: keyed by the file (path, size, mtime), the FFT length, the window."""
-        status = self.path.stat()
-        key = f"{self.path.resolve()}|{status.st_size}|{status.st_mtime_ns}|{fft_length}|{list(direct_range_ms)}"
-        return Path(cache_dir) / f"{self.path.stem}-{hashlib.sha1(key.encode()).hexdigest()[:16]}"
-
-    def _compute_spectra(self, index, fft_length, direct_range_ms):
-        response = self.rir(index)
-        peak = int(np.argmax(np.abs(response[0])))
-        first = max(peak - int(direct_range_ms[0] * SAMPLE_RATE / 1000), 0)
-        last = min(peak + int(direct_range_ms[1] * SAMPLE_RATE / 1000), response.shape[-1] - 1)
-        with TIMER("convolution"):
-            padded = self._padded.get(fft_length)
-            if padded is None:  # zero tail written once; each RIR only overwrites the head
-                self._padded = {fft_length: np.zeros((self.num_channels, fft_length), dtype=np.float32)}
-                padded = self._padded[fft_length]
-            padded[:, :response.shape[-1]] = response
-            spectrum = scipy.fft.rfft(padded, axis=-1)
-        return spectrum, response[0, first:last + 1].astype(np.float32), first
-
-    def spectra(self, index, fft_length, direct_range_ms, cache_dir=None):
-        """(rfft of the normalised RIR, complex64 [R, F]; channel-0 direct-path taps float32 [D]; first tap).
-
-        The direct path is [argmax|h0| - before, argmax|h0| + after] inclusive, clipped to the RIR. Results are
-        kept in a per-process LRU cache of `spectrum_cache_megabytes`. With cache_dir, they are also stored
-        there as .npy files (written once, atomically; keyed by the SOFA file's size and mtime, the FFT length
-        and the window), so that later processes and runs copy them instead of reading and transforming.
-        """
-        key = (str(self.path), index, fft_length, tuple(direct_range_ms))
-        if key in _SPECTRA:
-            _SPECTRA.move_to_end(key)
-            return _SPECTRA[key]
-        value = None
-        if cache_dir is not None:
-            folder = self._cache_folder(cache_dir, fft_length, direct_range_ms)
-            spectrum_path, direct_path = folder / f"{index}.npy", folder / f"{index}.direct.npy"
-            if spectrum_path.is_file():  # written last, so the direct window is complete too
-                with TIMER("reading"):
-                    direct = np.load(direct_path)
-                    value = (np.load(spectrum_path), direct[1:].astype(np.float32), int(direct[0]))
-                if value[0].shape != (self.num_channels, fft_length // 2 + 1) or value[0].dtype != np.complex64:
-                    raise ValueError(f"{spectrum_path}: shape {value[0].shape} {value[0].dtype}, expected "
-                                     f"({self.num_channels}, {fft_length // 2 + 1}) complex64; delete the folder")
-        if value is None:
-            value = self._compute_spectra(index, fft_length, direct_range_ms)
-            if cache_dir is not None:
-                folder.mkdir(parents=True, exist_ok=True)
-                _save_atomically(direct_path, np.concatenate([[value[2]], value[1]]).astype(np.float64))
-                _save_atomically(spectrum_path, value[0])
-        limit = spectrum_cache_megabytes * 2 ** 20
-        if value[0].nbytes <= limit:
-            _SPECTRA[key] = value
-            while sum(cached[0].nbytes for cached in _SPECTRA.values()) > limit:
-                _SPECTRA.popitem(last=False)
-        return value
-
 
 def _save_atomically(path, array):
     """np.save to a temporary name in the same folder, then rename: readers never see a partial file."""
@@ -287,15 +245,6 @@ def _save_atomically(path, array):
     with open(temporary, "wb") as file:
         np.save(file, array)
     os.replace(temporary, path)
-
-
-def spectrum_energy(spectrum, fft_length):
-    """Sum of squares of irfft(spectrum, fft_length) over all axes, by Parseval, without the inverse FFT."""
-    flat = spectrum.reshape(-1, spectrum.shape[-1])
-    total = 2.0 * float(np.vdot(flat, flat).real) - float(np.vdot(flat[:, 0], flat[:, 0]).real)
-    if fft_length % 2 == 0:  # the Nyquist bin appears once in the full spectrum
-        total -= float(np.vdot(flat[:, -1], flat[:, -1]).real)
-    return total / fft_length
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -409,36 +358,13 @@ class Renderer:
     def __init__(self, roots=(".",), rooms=(), cache_dir=None):
         self.roots = [Path(root) for root in roots]
         self.rooms = {room.path.resolve(): room for room in rooms}
-        self.cache_dir = cache_dir  # optional folder of RIR spectra shared by processes (SofaRoom.spectra)
-        self._buffers = {}  # work arrays by (shape, dtype), allocated once per process
+        self.cache_dir = cache_dir  # optional folder of RIR spectra shared by processes (RirSpectra)
+        self._spectra = None  # this process's RirSpectra on the CPU, made on the first render
 
-    def __getstate__(self):  # work arrays are not sent to DataLoader workers
+    def __getstate__(self):  # each DataLoader worker keeps its own spectra
         state = dict(self.__dict__)
-        state["_buffers"] = {}
+        state["_spectra"] = None
         return state
-
-    def _work(self, name, shape, dtype=np.complex64, zero=False):
-        """A reusable work array: large temporaries allocated per call cost page faults and memory traffic."""
-        key = (name, tuple(shape), np.dtype(dtype))
-        if key not in self._buffers:
-            self._buffers[key] = np.zeros(shape, dtype=dtype)
-        elif zero:
-            self._buffers[key].fill(0)
-        return self._buffers[key]
-
-    def _source_spectra(self, placed, fft_length):
-        """rfft of every (source, onset) zero-padded to fft_length and shifted by its onset -> complex64 [E, F].
-
-        The transforms run as one call on a multiple of 4 rows: pocketfft vectorises 4 rows for the price of ~1.3.
-        """
-        if not placed:
-            return None
-        with TIMER("convolution"):
-            rows = -(-len(placed) // 4) * 4
-            padded = self._work("sources", (rows, fft_length), np.float32, zero=True)
-            for row, (source, onset) in enumerate(placed):
-                padded[row, onset:onset + len(source)] = source
-            return scipy.fft.rfft(padded, axis=-1)
 
     def resolve(self, *parts):
         relative = Path(*parts)
@@ -454,11 +380,17 @@ class Renderer:
             self.rooms[path] = SofaRoom(path)
         return self.rooms[path]
 
-    def render(self, scene):
-        """Metadata dict -> {'mixture' float32 [C, L], 'dry_sources' float32 [E, 1, L], 'labels' [E]}.
+    def prepare(self, scene, num_channels=None, dry=True):
+        """The worker half of rendering a metadata dict: read, peak-normalise and locate the events, no FFT.
 
-        E = foreground events in event_time order. Follows SpAudSyn: int(time * sr) sample arithmetic, peak
-        normalisation, level over all channels and the whole convolution, dry = channel-0 direct path.
+        Returns a scene record for stack_scenes. Events E = foreground in event_time order, then interference:
+        sources float32 [T] (their samples, concatenated), source_lengths, onsets (samples), full_lengths (samples
+        of the full convolution, the level's denominator), slots (the dry target's slot of a foreground event,
+        -1 for interference) int64 [E], target_db float64 [E] (ref_db + snr), rir_keys [(sofa path, position,
+        direct range)] * E, rir_length, background float32 [num_channels, L] (at its level; zeros without one),
+        dry and labels (foreground, event_time order). Follows SpAudSyn: int(time * sr) sample arithmetic, peak
+        normalisation, multichannel files averaged to mono. num_channels: the first channels of the room that the
+        mixture keeps (None = all); dry: whether dry targets are rendered.
         """
         keep_heap_memory()
         config = scene["config"]
@@ -467,13 +399,16 @@ class Renderer:
         length = int(config["duration"] * SAMPLE_RATE)
         room_metadata = scene["room"]["args"]["metadata"]
         room = self.room(room_metadata["sofa_path"])
+        channels = room.num_channels if num_channels is None else num_channels
+        if not 1 <= channels <= room.num_channels:
+            raise ValueError(f"{room.path}: {room.num_channels} RIR channels, {channels} requested")
         direct_range = tuple(room_metadata.get("direct_range_ms", (6, 50)))
         foreground = sorted(scene.get("fg_events") or [], key=lambda event: event["event_time"])
         interference = sorted(scene.get("int_events") or [], key=lambda event: event["event_time"])
-        events = []  # (event, peak-normalised source, onset, position index, is foreground)
+        sources, onsets, slots, target_db, rir_keys = [], [], [], [], []
         for event_list, folder_key, is_foreground in ((foreground, "foreground_dir", True),
                                                       (interference, "interference_dir", False)):
-            for event in event_list:
+            for number, event in enumerate(event_list):
                 if not 0 <= event["event_time"] < config["duration"]:
                     raise ValueError(f"event {event['source_file']}: event_time {event['event_time']} s is outside "
                                      f"the {config['duration']} s mixture")
@@ -482,49 +417,48 @@ class Renderer:
                                    int(event["event_duration"] * SAMPLE_RATE))
                 source = audio[0] if len(audio) == 1 else audio.mean(axis=0)  # mono like librosa
                 peak = np.max(np.abs(source)) if source.size else 0.0
-                if peak > 0:
-                    source = source / peak
+                sources.append(source / peak if peak > 0 else source)
                 try:
                     position = room.find_position(event["event_position"])
                 except ValueError as error:
                     raise ValueError(f"event {event['source_file']}: {error}") from None
-                events.append((event, source, int(event["event_time"] * SAMPLE_RATE), position, is_foreground))
-        span = max([length] + [onset + len(source) for _, source, onset, _, _ in events])
-        fft_length = scipy.fft.next_fast_len(span + room.rir_length - 1, real=True)
-        source_spectra = self._source_spectra([(source, onset) for _, source, onset, _, _ in events], fft_length)
-        total = None  # (C, F) complex64 sum of the scaled wet spectra
-        dry_sources = []
-        for number, (event, source, onset, position, is_foreground) in enumerate(events):
-            room_spectrum, direct, first = room.spectra(position, fft_length, direct_range, self.cache_dir)
-            with TIMER("convolution"):
-                wet = np.multiply(room_spectrum, source_spectra[number], out=self._work("wet", room_spectrum.shape))
-                energy = spectrum_energy(wet, fft_length) / (room.num_channels * (len(source) + room.rir_length - 1))
-                gain = 10 ** ((config["ref_db"] + event["snr"] - 10 * math.log10(energy)) / 20) if energy > 0 else 1.0
-                if total is None:
-                    total = np.multiply(wet, np.float32(gain), out=self._work("total", wet.shape))
-                else:
-                    wet *= np.float32(gain)
-                    total += wet
-                if is_foreground:  # the direct path is short: a direct convolution beats another long FFT
-                    dry = np.zeros(length, dtype=np.float32)
-                    start = onset + first
-                    if start < length and len(source):
-                        part = scipy.signal.oaconvolve(source[:length - start], direct)[:length - start]
-                        dry[start:start + len(part)] = part * np.float32(gain)
-                    dry_sources.append(dry)
-        with TIMER("convolution"):
-            if total is None:
-                mixture = np.zeros((room.num_channels, length), dtype=np.float32)
-            else:
-                mixture = scipy.fft.irfft(total, fft_length, axis=-1, overwrite_x=True)[:, :length]
+                onsets.append(int(event["event_time"] * SAMPLE_RATE))
+                slots.append(number if is_foreground else -1)
+                target_db.append(config["ref_db"] + event["snr"])
+                rir_keys.append((str(room.path), position, direct_range))
+        background = np.zeros((channels, length), dtype=np.float32)
         for event in scene.get("bg_events") or []:
-            mixture += self._background(config, event, room.num_channels, length)
-        dry = np.stack(dry_sources)[:, None] if dry_sources else np.zeros((0, 1, length), dtype=np.float32)
-        return {"mixture": np.ascontiguousarray(mixture, dtype=np.float32), "dry_sources": dry.astype(np.float32),
+            audio = self._background(config, event, room.num_channels, length)
+            if audio is not None:
+                background += audio[:channels]
+        source_lengths = np.array([len(source) for source in sources], dtype=np.int64)
+        return {"sources": np.concatenate(sources).astype(np.float32) if sources else np.zeros(0, np.float32),
+                "source_lengths": source_lengths, "onsets": np.array(onsets, dtype=np.int64),
+                "full_lengths": source_lengths + room.rir_length - 1, "slots": np.array(slots, dtype=np.int64),
+                "target_db": np.array(target_db, dtype=np.float64), "rir_keys": rir_keys,
+                "rir_length": room.rir_length, "background": background, "dry": dry,
                 "labels": [event["label"] for event in foreground]}
 
+    def render_record(self, record):
+        """render_scenes of one scene record on the CPU -> (mixture float32 [C, L], dry [S, 1, L] or None)."""
+        if self._spectra is None:
+            self._spectra = RirSpectra("cpu", spectrum_cache_megabytes, self.cache_dir)
+        mixture, dry = render_scenes(stack_scenes([record]), self._spectra)
+        return mixture[0], None if dry is None else dry[0]
+
+    def render(self, scene):
+        """Metadata dict -> {'mixture' float32 [C, L], 'dry_sources' float32 [E, 1, L], 'labels' [E]} (numpy).
+
+        E = foreground events in event_time order; all channels of the room and the dry targets are rendered.
+        """
+        record = self.prepare(scene)
+        mixture, dry = self.render_record(record)
+        return {"mixture": mixture.numpy(), "dry_sources": dry[:len(record["labels"])].numpy(),
+                "labels": record["labels"]}
+
     def _background(self, config, event, channels, length):
-        """Background scaled to ref_db (+ its snr, 0) over all channels and samples; tiled when short."""
+        """Background float32 [channels, L] scaled to ref_db (+ its snr, 0) over all channels and samples; tiled
+        when short; None (with a warning) when its channel count differs from the room's."""
         path = self.resolve(config["background_dir"], event["source_file"])
         if event.get("source_time") is not None:
             audio = read_audio(path, int(event["source_time"] * SAMPLE_RATE), length)
@@ -535,13 +469,333 @@ class Renderer:
             audio = np.tile(audio, (1, math.ceil(length / audio.shape[1])))[:, :length]
         if len(audio) != channels:
             warnings.warn(f"{path}: {len(audio)}-channel background for a {channels}-channel room, skipped")
-            return 0.0
+            return None
         if audio.shape[1] < length:
             audio = np.pad(audio, ((0, 0), (0, length - audio.shape[1])))
         energy = float(np.mean(audio.astype(np.float64) ** 2))
         if energy == 0:
             return audio
         return audio * np.float32(10 ** ((config["ref_db"] + event.get("snr", 0) - 10 * math.log10(energy)) / 20))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Rendering scene batches, on the worker's CPU or on the training device
+
+
+def rfft(signal, length):
+    """Real FFT of the last axis, zero-padded to `length` -> complex64 [..., length // 2 + 1], on signal's device.
+
+    CPU tensors go through scipy.fft (pocketfft: 1.2-1.8x faster than torch's CPU FFT at these lengths on one core),
+    other devices through torch.fft: the back end is the only thing that differs between the two.
+    """
+    if signal.device.type == "cpu" and CPU_KERNELS:
+        return torch.from_numpy(scipy.fft.rfft(signal.numpy(), length, axis=-1, workers=torch.get_num_threads()))
+    return torch.fft.rfft(signal, length)
+
+
+def irfft(spectrum, length):
+    """Inverse of rfft -> float32 [..., length]; on the CPU it overwrites `spectrum`."""
+    if spectrum.device.type == "cpu" and CPU_KERNELS:
+        return torch.from_numpy(scipy.fft.irfft(spectrum.numpy(), length, axis=-1, overwrite_x=True,
+                                                workers=torch.get_num_threads()))
+    return torch.fft.irfft(spectrum, length)
+
+
+def fft_rows(count):
+    """Rows to transform for `count` signals: pocketfft does 4 rows at once for about 1.6 times the price of one, so
+    a remainder of 2 or 3 rows is padded to 4 with zero rows (on a GPU the few extra rows cost nothing)."""
+    return count + (4 - count % 4) % 4 if count % 4 >= 2 else count
+
+
+def place_sources(sources, lengths, onsets, rows, fft_length):
+    """Zeros float32 [rows, fft_length] with event e's samples (flat `sources`, `lengths` [E]) from onsets[e] on.
+
+    On the CPU a copy per event is fastest (one indexed copy of all samples costs 30x more there); on a GPU one
+    indexed copy replaces a kernel launch per event and reads the sizes from shapes only (no synchronisation).
+    """
+    placed = sources.new_zeros(rows, fft_length)
+    if sources.device.type == "cpu" and CPU_KERNELS:
+        start = 0
+        for event, (count, onset) in enumerate(zip(lengths.tolist(), onsets.tolist())):
+            placed[event, onset:onset + count] = sources[start:start + count]
+            start += count
+        return placed
+    events = torch.arange(len(lengths), device=sources.device)
+    event = torch.repeat_interleave(events, lengths, output_size=len(sources))  # (T,) event of each sample
+    first = torch.cumsum(lengths, 0) - lengths  # (E,) where each event starts in `sources`
+    target = torch.arange(len(sources), device=sources.device) - first[event] + onsets[event] + event * fft_length
+    placed.view(-1)[target] = sources
+    return placed
+
+
+class RirSpectra:
+    """RIR spectra on one device for render_scenes; least recently used ones go beyond `megabytes`.
+
+    For one layout (FFT length, mixture channels C, dry targets or not) and per (room file, position, direct-path
+    window) it keeps: the rfft of the RIR's first C channels (complex64 [C, F]), the RIR power per bin averaged over
+    all channels (float32 [F]: an event's level by Parseval needs nothing else, so the 1-channel tagger never
+    multiplies the other channels), and with dry targets the rfft of the channel-0 direct-path window (complex64
+    [F]). The rows live in tables indexed by slot, so a batch gathers them with one index operation. A miss reads
+    the RIR (SofaRoom.rir) in this process and transforms it on the device. The tables never shrink below what one
+    batch needs. With cache_dir, the transforms of all channels and the window are also stored there as .npy files
+    (written once, atomically; keyed by the SOFA file's size and mtime, the FFT length and the window) that later
+    processes and runs read instead of the SOFA file.
+    """
+
+    def __init__(self, device, megabytes, cache_dir=None):
+        self.device, self.megabytes, self.cache_dir = torch.device(device), megabytes, cache_dir
+        self.layout = None  # (fft length, channels, dry) of the tables
+        self.slots = collections.OrderedDict()  # (sofa path, position, direct range) -> table row, least recent first
+        self.rooms = {}  # sofa path -> SofaRoom, opened on its first miss
+        self.spectra = self.power = self.direct = None
+
+    def lookup(self, keys, fft_length, channels, dry):
+        """Table rows (int64 [E], on the device) holding the spectra of `keys`; missing ones are computed first."""
+        if (fft_length, channels, dry) != self.layout:
+            self.layout, self.slots = (fft_length, channels, dry), collections.OrderedDict()
+            self._resize(0)
+        wanted = list(dict.fromkeys(keys))
+        for key in wanted:
+            if key in self.slots:
+                self.slots.move_to_end(key)
+        missing = [key for key in wanted if key not in self.slots]
+        keep = self.megabytes * 2 ** 20 // ((fft_length // 2 + 1) * (8 * channels + 4 + 8 * dry))  # entries
+        if missing:
+            limit = max(keep, len(wanted))  # a batch's own RIRs are always held
+            self._forget(len(self.slots) + len(missing) - limit)  # this batch's keys are the most recent
+            if len(self.power) < len(self.slots) + len(missing):
+                self._resize(min(max(2 * len(self.power), len(self.slots) + len(missing)), limit))
+            used = set(self.slots.values())
+            free = [row for row in range(len(self.power)) if row not in used]
+            self._compute(missing, free)
+            self.slots.update(zip(missing, free))
+        rows = torch.tensor([self.slots[key] for key in keys], dtype=torch.int64)
+        self._forget(len(self.slots) - keep)  # their rows stay valid until the next lookup overwrites them
+        if self.device.type == "cuda":  # a copy from pinned memory does not wait for the queued GPU work
+            return rows.pin_memory().to(self.device, non_blocking=True)
+        return rows.to(self.device)
+
+    def _forget(self, count):
+        """Drop the `count` least recently used entries (their rows become free)."""
+        for key in list(self.slots)[:max(count, 0)]:
+            del self.slots[key]
+
+    def _resize(self, capacity):
+        """Tables with `capacity` rows, keeping the rows in use."""
+        bins, channels, dry = self.layout[0] // 2 + 1, self.layout[1], self.layout[2]
+        old = self.spectra, self.power, self.direct
+        self.spectra = torch.empty(capacity, channels, bins, dtype=torch.complex64, device=self.device)
+        self.power = torch.empty(capacity, bins, dtype=torch.float32, device=self.device)
+        self.direct = torch.empty(capacity if dry else 0, bins, dtype=torch.complex64, device=self.device)
+        if self.slots:  # only a growth keeps rows: a new layout starts empty
+            kept = len(old[1])
+            self.spectra[:kept], self.power[:kept], self.direct[:len(old[2])] = old
+
+    def _compute(self, keys, rows):
+        """Fill table rows with the spectra of keys: from the disk cache, or read and transformed in one call."""
+        fft_length, channels, dry = self.layout
+        with_window = dry or self.cache_dir is not None
+        found, reads = [], []  # (row, room, spectra [R + 1, F] or None, cache file); (RIR [R, N], window)
+        for key, row in zip(keys, rows):
+            path, position, direct_range = key
+            room = self.rooms.get(path) or self.rooms.setdefault(path, SofaRoom(path))
+            if channels > room.num_channels:
+                raise ValueError(f"{path}: {room.num_channels} RIR channels, {channels} requested")
+            spectra = cache_file = None
+            if self.cache_dir is not None:
+                status = room.path.stat()
+                text = f"{room.path.resolve()}|{status.st_size}|{status.st_mtime_ns}|{fft_length}|{list(direct_range)}"
+                cache_file = (Path(self.cache_dir) / f"{room.path.stem}-{hashlib.sha1(text.encode()).hexdigest()[:16]}"
+                              / f"{position}.npy")
+                if cache_file.is_file():
+                    with TIMER("reading"):
+                        stored = np.load(cache_file)
+                    shape = (room.num_channels + 1, fft_length // 2 + 1)
+                    if stored.shape != shape or stored.dtype != np.complex64:
+                        raise ValueError(f"{cache_file}: {stored.shape} {stored.dtype}, expected {shape} complex64; "
+                                         "delete the folder")
+                    spectra = torch.from_numpy(stored).to(self.device)
+            if spectra is None:
+                response = room.rir(position)  # float64 [R, N]
+                peak = int(np.argmax(np.abs(response[0])))
+                first = max(peak - int(direct_range[0] * SAMPLE_RATE / 1000), 0)
+                last = min(peak + int(direct_range[1] * SAMPLE_RATE / 1000), response.shape[-1] - 1)
+                reads.append((response, slice(first, last + 1)))
+            found.append((row, room, spectra, cache_file))
+        if reads:  # all reads in one transform: whole groups of 4 rows for pocketfft, one launch on a GPU
+            sizes = [len(response) + with_window for response, _ in reads]
+            stacked = np.zeros((fft_rows(sum(sizes)), max(response.shape[-1] for response, _ in reads)), np.float32)
+            for start, (response, window) in zip(np.cumsum([0] + sizes), reads):
+                stacked[start:start + len(response), :response.shape[-1]] = response
+                if with_window:  # the next row: channel 0 inside the direct-path window
+                    stacked[start + len(response), window] = response[0, window]
+            transformed = iter(rfft(torch.from_numpy(stacked).to(self.device), fft_length)[:sum(sizes)].split(sizes))
+        for row, room, spectra, cache_file in found:
+            if spectra is None:
+                spectra = next(transformed)  # (R [+ 1], F)
+                if cache_file is not None:
+                    cache_file.parent.mkdir(parents=True, exist_ok=True)
+                    _save_atomically(cache_file, spectra.cpu().numpy())
+            channel_spectra = spectra[:room.num_channels]  # (R, F)
+            self.power[row] = torch.mul(channel_spectra, channel_spectra.conj()).real.mean(0)
+            self.spectra[row] = spectra[:channels]
+            if dry:
+                self.direct[row] = spectra[room.num_channels]
+
+
+def new_tensor(shape, dtype, shared=False):
+    """torch.empty, or in shared memory: a batch made inside a DataLoader worker then reaches the training process
+    without another copy (the queue would otherwise copy every tensor into shared memory)."""
+    if not shared:
+        return torch.empty(shape, dtype=dtype)
+    storage = torch.UntypedStorage._new_shared(math.prod(shape) * dtype.itemsize)
+    return torch.empty(0, dtype=dtype).set_(storage, 0, shape)
+
+
+def stack_scenes(records, shared=False):
+    """Scene records (Renderer.prepare) of one batch -> the scene batch that render_scenes takes.
+
+    The E events of all B mixtures are listed together and their sources concatenated (T samples), so only real
+    samples cross between processes. Tensors: sources float32 [T], source_lengths, onsets, full_lengths int64 [E],
+    target_db float64 [E], event_items [E] (the mixture of each event), event_table [B, K] (the events of each
+    mixture; E where it has fewer than K),
+    foreground [E_fg] (events with a dry target) and dry_index [E_fg] (mixture * S + slot), background float32
+    [B, C, L]. Plain values: rir_keys [E], fft_length, dry_slots S (0 = no dry targets). shared: tensors in shared
+    memory (set by collate inside a DataLoader worker).
+    """
+    shapes = sorted({record["background"].shape for record in records})
+    if len(shapes) > 1:
+        raise ValueError(f"the scenes of one batch differ in (channels, samples): {shapes}")
+    channels, length = shapes[0]
+    counts = [len(record["source_lengths"]) for record in records]
+    events = sum(counts)
+    dry_slots = max([NUM_SLOTS] + [len(record["labels"]) for record in records]) if records[0]["dry"] else 0
+    event_table = np.full((len(records), max(counts + [1])), events, dtype=np.int64)
+    event_items = np.repeat(np.arange(len(records)), counts)
+    foreground, dry_index = [], []
+    offset = 0
+    for number, (record, count) in enumerate(zip(records, counts)):
+        event_table[number, :count] = np.arange(offset, offset + count)
+        if dry_slots:
+            foreground += (offset + np.flatnonzero(record["slots"] >= 0)).tolist()
+            dry_index += (number * dry_slots + record["slots"][record["slots"] >= 0]).tolist()
+        offset += count
+    span = max([length] + [int(np.max(record["onsets"] + record["source_lengths"])) for record in records if
+                           len(record["onsets"])])
+    fft_length = scipy.fft.next_fast_len(span + max(record["rir_length"] for record in records) - 1, real=True)
+
+    def tensor(arrays, dtype):
+        arrays = [np.asarray(array) for array in arrays]
+        out = new_tensor((sum(len(array) for array in arrays), *arrays[0].shape[1:]), dtype, shared)
+        np.concatenate(arrays, out=out.numpy(), casting="unsafe")
+        return out
+
+    background = new_tensor((len(records), channels, length), torch.float32, shared)
+    np.stack([record["background"] for record in records], out=background.numpy())
+    return {"sources": tensor([record["sources"] for record in records], torch.float32),
+            **{key: tensor([record[key] for record in records], torch.int64)
+               for key in ("source_lengths", "onsets", "full_lengths")},
+            "target_db": tensor([record["target_db"] for record in records], torch.float64),
+            "event_items": tensor([event_items], torch.int64), "event_table": tensor([event_table], torch.int64),
+            "foreground": tensor([foreground], torch.int64), "dry_index": tensor([dry_index], torch.int64),
+            "background": background, "rir_keys": [key for record in records for key in record["rir_keys"]],
+            "fft_length": fft_length, "dry_slots": dry_slots}
+
+
+def mix_events(mixture_spectra, scaled, table, slots, scenes):
+    """mixture_spectra [B, C, F] += the scaled source spectra [E, F] times their RIR spectra (table[slots]).
+
+    On the CPU one in-place multiply-add per event is fastest (memory traffic decides there); on a GPU the k-th
+    events of all mixtures go at once (K steps, a fixed summation order: deterministic, unlike atomic adds).
+    """
+    if scaled.device.type == "cpu" and CPU_KERNELS:
+        for event, (item, slot) in enumerate(zip(scenes["event_items"].tolist(), slots.tolist())):
+            mixture_spectra[item].addcmul_(scaled[event], table[slot])  # (C, F)
+        return
+    scaled_or_zero = torch.cat([scaled, scaled.new_zeros(1, scaled.shape[-1])])  # (E + 1, F), row E: no event
+    slots_or_any = torch.cat([slots, slots[:1]])  # (E + 1,)
+    event_table = scenes["event_table"]  # (B, K)
+    for k in range(event_table.shape[1]):
+        column = event_table[:, k]  # (B,)
+        mixture_spectra.addcmul_(scaled_or_zero[column][:, None], table[slots_or_any[column]])  # (B, C, F)
+
+
+def render_scenes(scenes, spectra):
+    """Render a scene batch (stack_scenes; its tensors on one device) there -> (mixture, dry).
+
+    mixture float32 [B, C, L]; dry float32 [B, S, 1, L] (None without dry targets). Each event's source spectrum
+    is scaled to the event level ref_db + snr, measured over all RIR channels and the whole convolution by Parseval
+    from the cached RIR power (no inverse FFT); the scaled spectra times each RIR channel are summed per mixture;
+    then one inverse FFT per mixture channel and per dry target (the source through the channel-0 direct-path
+    window at the same gain), cut to L; the background is added last. Equal to the exact float64 computation within
+    1e-4 of the peak.
+    """
+    background, fft_length, dry_slots = scenes["background"], scenes["fft_length"], scenes["dry_slots"]
+    (B, C, L), events, bins = background.shape, len(scenes["rir_keys"]), fft_length // 2 + 1
+    if not events:
+        return background.clone(), background.new_zeros(B, dry_slots, 1, L) if dry_slots else None
+    with TIMER("spectra"):
+        slots = spectra.lookup(scenes["rir_keys"], fft_length, C, dry_slots > 0)  # (E,) table rows
+    foreground = scenes["foreground"]  # (E_fg,)
+    with TIMER("sources"):
+        placed = place_sources(scenes["sources"], scenes["source_lengths"], scenes["onsets"], fft_rows(events),
+                               fft_length)  # (rows, N)
+        source_spectra = rfft(placed, fft_length)[:events]  # (E, F)
+    with TIMER("mixing"):
+        weighted = torch.mul(source_spectra, source_spectra.conj()).real * spectra.power[slots]  # (E, F)
+        # Parseval for a real signal: every bin counts twice except DC and (for an even length) Nyquist.
+        energy = 2 * weighted.sum(-1).double() - weighted[:, 0]
+        if fft_length % 2 == 0:
+            energy = energy - weighted[:, -1]
+        energy = energy / (fft_length * scenes["full_lengths"])  # mean square over channels and samples
+        gain = torch.where(energy > 0, 10 ** (scenes["target_db"] / 20) / energy.clamp(min=1e-300).sqrt(), 1.0)
+        scaled = source_spectra * gain.float()[:, None]  # (E, F)
+        outputs = torch.zeros(fft_rows(B * C + len(foreground)), bins, dtype=torch.complex64, device=background.device)
+        mix_events(outputs[:B * C].view(B, C, bins), scaled, spectra.spectra, slots, scenes)
+        if len(foreground):
+            torch.mul(scaled[foreground], spectra.direct[slots[foreground]],
+                      out=outputs[B * C:B * C + len(foreground)])  # (E_fg, F)
+    with TIMER("inverse"):
+        waves = irfft(outputs, fft_length)  # (rows, N)
+        shared = background.device.type == "cpu" and torch.utils.data.get_worker_info() is not None
+        mixture = torch.add(waves[:B * C, :L].reshape(B, C, L), background,
+                            out=new_tensor((B, C, L), torch.float32, shared))
+        dry = None
+        if dry_slots:
+            dry = new_tensor((B * dry_slots, L), torch.float32, shared).zero_()
+            dry[scenes["dry_index"]] = waves[B * C:B * C + len(foreground), :L]
+            dry = dry.view(B, dry_slots, 1, L)
+    return mixture, dry
+
+
+def _to_device(value, device):
+    if torch.is_tensor(value):
+        return value.to(device, non_blocking=True)
+    if isinstance(value, dict):
+        return {key: _to_device(item, device) for key, item in value.items()}
+    return value
+
+
+class BatchRenderer:
+    """A DataLoader batch -> the same batch on `device`, with its scene records (key 'scene') rendered there into
+    'mixture' [B, C, L] and 'dry_sources' [B, S, 1, L]; batches the workers rendered are only moved.
+
+    Copies are non-blocking (from pinned memory when the DataLoader pins) and rendering only queues device work, so
+    a training step never waits for the device here. RIR spectra stay on the device (RirSpectra, `megabytes`).
+    """
+
+    def __init__(self, device, megabytes, cache_dir=None):
+        self.device = torch.device(device)
+        self.spectra = RirSpectra(self.device, megabytes, cache_dir)
+
+    def __call__(self, batch):
+        batch = _to_device(batch, self.device)
+        scenes = batch.pop("scene", None)
+        if scenes is not None:
+            batch["mixture"], dry = render_scenes(scenes, self.spectra)
+            if dry is not None:
+                batch["dry_sources"] = dry
+        return batch
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -679,11 +933,19 @@ def label_vector(labels, mode="stack", silence_mode="zeros"):
 
 
 def collate(items):
-    """Batch dict: tensors stacked along a new first dim, everything else a list per key."""
+    """Batch dict: tensors stacked along a new first dim, scene records by stack_scenes, anything else a list per
+    key. Inside a DataLoader worker the tensors are made in shared memory, so the batch is not copied again on its
+    way to the training process."""
+    shared = torch.utils.data.get_worker_info() is not None
     batch = {}
     for key in items[0]:
         values = [item[key] for item in items]
-        batch[key] = torch.stack(values) if all(isinstance(v, torch.Tensor) for v in values) else values
+        if key == "scene":
+            batch[key] = stack_scenes(values, shared)
+        elif all(isinstance(value, torch.Tensor) for value in values):
+            batch[key] = torch.stack(values, out=new_tensor((len(values), *values[0].shape), values[0].dtype, shared))
+        else:
+            batch[key] = values
     return batch
 
 
@@ -697,12 +959,18 @@ def _slots(labels, sources, length, modes):
     return labels, label_vector(labels, *modes), sources
 
 
-def _make_item(mixture, labels, sources, soundscape, modes):
-    labels, vector, sources = _slots(labels, sources, mixture.shape[-1], modes)
-    item = {"mixture": torch.from_numpy(np.ascontiguousarray(mixture, dtype=np.float32)), "label": labels,
-            "label_vector": vector, "soundscape": soundscape}
-    if sources is not None:
-        item["dry_sources"] = sources
+def _scene_item(renderer, record, labels, soundscape, scene, modes, render):
+    """The dataset item of one scene: rendered here ('mixture' [C, L], 'dry_sources' [S, 1, L] with dry targets)
+    or, with render False, its record under 'scene' for a batched render (BatchRenderer)."""
+    labels = list(labels) + [SILENCE] * max(NUM_SLOTS - len(labels), 0)
+    item = {"label": labels, "label_vector": label_vector(labels, *modes), "soundscape": soundscape,
+            "metadata": scene}
+    if not render:
+        item["scene"] = record
+        return item
+    item["mixture"], dry = renderer.render_record(record)
+    if dry is not None:
+        item["dry_sources"] = dry
     return item
 
 
@@ -710,18 +978,21 @@ class GeneratedDataset(torch.utils.data.Dataset):
     """Training mixtures generated on the fly; item i is a pure function of (seed, i).
 
     spectrum_cache_dir: optional folder where RIR spectra are stored once and shared by all workers and runs
-    (8 MB per RIR position for 4 x 174763 taps; see SofaRoom.spectra). It roughly halves the time per mixture.
+    (10 MB per RIR position for 4 x 174763 taps; see RirSpectra). num_channels: the first mixture channels to
+    render (None = all; 1 for the 1-channel tagger); return_sources: render dry targets. render=False: items carry
+    the prepared scene under 'scene' instead of 'mixture' / 'dry_sources', for BatchRenderer.
     """
 
     def __init__(self, data_root, scene=None, length=1000, seed=0, label_vector_mode="stack",
-                 silence_label_mode="zeros", return_sources=True, split=None, spectrum_cache_dir=None):
+                 silence_label_mode="zeros", return_sources=True, split=None, spectrum_cache_dir=None,
+                 num_channels=None, render=True):
         self.index = DataIndex(data_root, split)  # listed once here; workers receive a copy
         self.scene_config = scene if scene is not None else SceneConfig()
         self.generator = SceneGenerator(self.index, self.scene_config)
         self.renderer = Renderer((".",), self.index.rooms, spectrum_cache_dir)
         self.length, self.seed = length, seed
         self.modes = (label_vector_mode, silence_label_mode)
-        self.return_sources = return_sources
+        self.return_sources, self.num_channels, self.render = return_sources, num_channels, render
 
     def __len__(self):
         return self.length
@@ -732,16 +1003,15 @@ class GeneratedDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, index):
         rng = item_rng(self.seed, index)
-        scene = self.generator.generate(rng)
-        rendered = self.renderer.render(scene)
-        order = list(range(len(rendered["labels"])))
+        with TIMER("scene"):
+            scene = self.generator.generate(rng)
+        record = self.renderer.prepare(scene, self.num_channels, self.return_sources)
+        order = list(range(len(record["labels"])))
         if self.scene_config.shuffle_label:
             rng.shuffle(order)
-        item = _make_item(rendered["mixture"], [rendered["labels"][i] for i in order],
-                          rendered["dry_sources"][order] if self.return_sources else None,
-                          "soundscape_%08d" % index, self.modes)
-        item["metadata"] = scene
-        return item
+        record["slots"][order] = np.arange(len(order))  # foreground events come first: event order[j] -> slot j
+        return _scene_item(self.renderer, record, [record["labels"][i] for i in order], "soundscape_%08d" % index,
+                           scene, self.modes, self.render)
 
 
 def metadata_files(metadata_path):
@@ -764,15 +1034,15 @@ def metadata_files(metadata_path):
 
 
 class MetadataDataset(torch.utils.data.Dataset):
-    """Mixtures rendered from SpAudSyn metadata JSON files; name = the JSON file stem (spectrum_cache_dir as in
-    GeneratedDataset)."""
+    """Mixtures rendered from SpAudSyn metadata JSON files; name = the JSON file stem (spectrum_cache_dir,
+    num_channels, render as in GeneratedDataset)."""
 
     def __init__(self, metadata_path, data_root=".", label_vector_mode="stack", silence_label_mode="zeros",
-                 return_sources=True, spectrum_cache_dir=None):
+                 return_sources=True, spectrum_cache_dir=None, num_channels=None, render=True):
         self.files = metadata_files(metadata_path)
         self.renderer = Renderer([data_root, *Path(metadata_path).resolve().parents], (), spectrum_cache_dir)
         self.modes = (label_vector_mode, silence_label_mode)
-        self.return_sources = return_sources
+        self.return_sources, self.num_channels, self.render = return_sources, num_channels, render
 
     def __len__(self):
         return len(self.files)
@@ -780,14 +1050,11 @@ class MetadataDataset(torch.utils.data.Dataset):
     def __getitem__(self, index):
         try:
             scene = json.loads(self.files[index].read_text())
-            rendered = self.renderer.render(scene)
+            record = self.renderer.prepare(scene, self.num_channels, self.return_sources)
+            return _scene_item(self.renderer, record, record["labels"], self.files[index].stem, scene, self.modes,
+                               self.render)
         except (ValueError, KeyError, TypeError) as error:
             raise ValueError(f"{self.files[index]}: {error!r}") from None
-        item = _make_item(rendered["mixture"], rendered["labels"],
-                          rendered["dry_sources"] if self.return_sources else None, self.files[index].stem,
-                          self.modes)
-        item["metadata"] = scene
-        return item
 
 
 def index_sources(folder, soundscapes):
@@ -892,34 +1159,38 @@ def parse_source_name(soundscape: str, filename: str) -> tuple[int | None, str]:
 @dataclasses.dataclass
 class BenchConfig:
     data: str = "data/dev_set"  # data root to generate from
-    count: int = 40  # mixtures timed per measurement
+    device: str = "cpu"  # where batches are rendered: 'cpu' or 'cuda'
+    count: int = 64  # mixtures per measurement
     seed: int = 0  # generation seed
-    cache_megabytes: int = 256  # RIR spectrum cache per process (the measurement is also repeated with 0)
-    cache_dir: str = ""  # folder for the on-disk spectrum cache measurement ('' = a temporary folder, removed)
+    tagger_batch: int = 32  # mixtures per tagger-style batch (official 1-channel recipe: 32 per GPU)
+    separator_batch: int = 4  # mixtures per separator-style batch (official recipe: 4 per GPU)
+    cache_megabytes: int = 4096  # RIR spectra kept on the device (train.py --rir_cache_megabytes)
 
 
-def _measure(label, count, work):
-    TIMER.seconds.clear()
-    start = time.perf_counter()
-    for index in range(count):
-        work(index)
-    total = (time.perf_counter() - start) * 1000 / count
-    reading, convolution = (TIMER.seconds[key] * 1000 / count for key in ("reading", "convolution"))
-    print(f"{label:<52} {total:7.1f} ms/mixture  (reading {reading:6.1f}, convolution {convolution:6.1f}, "
-          f"rest {total - reading - convolution:6.1f})")
+def _breakdown(count, phases):
+    return ", ".join(f"{phase} {TIMER.seconds[phase] * 1000 / count:.2f}" for phase in phases)
+
+
+def _pinned(value):
+    if torch.is_tensor(value):
+        return value.pin_memory()
+    return {key: _pinned(item) for key, item in value.items()} if isinstance(value, dict) else value
 
 
 def bench(config: BenchConfig):
-    """Print ms per generated training mixture and per metadata render (one process), with the breakdown."""
+    """Print, for tagger-style and separator-style batches: worker ms per mixture (scene draw + reading), device
+    mixtures/s with the breakdown, and ms per mixture when a worker renders one mixture at a time (CPU)."""
     global spectrum_cache_megabytes
+    device = torch.device(config.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA device is visible")
+    synchronize = torch.cuda.synchronize if device.type == "cuda" else lambda: None
     start = time.perf_counter()
-    dataset = GeneratedDataset(config.data, SceneConfig(), length=config.count, seed=config.seed)
-    rooms = dataset.index.rooms
+    rooms = DataIndex(config.data).rooms
     print(f"data {config.data}: {len(rooms)} rooms, {sum(r.num_positions for r in rooms)} positions, "
-          f"{rooms[0].num_channels} channels x {rooms[0].rir_length} taps; "
-          f"index built in {time.perf_counter() - start:.2f} s; torch threads {torch.get_num_threads()}")
-    scenes = [dataset.scene(index) for index in range(config.count)]
-    dataset[0]  # opens the room files
+          f"{rooms[0].num_channels} channels x {rooms[0].rir_length} taps; index built in "
+          f"{time.perf_counter() - start:.2f} s; torch threads {torch.get_num_threads()}; device {device}"
+          f"{f' ({torch.cuda.get_device_name(device)})' if device.type == 'cuda' else ''}")
     fft_length = scipy.fft.next_fast_len(round(SceneConfig().duration * SAMPLE_RATE) + rooms[0].rir_length - 1,
                                          real=True)
     signal = np.random.default_rng(0).standard_normal(fft_length).astype(np.float32)
@@ -930,30 +1201,60 @@ def bench(config: BenchConfig):
         timings.append(time.perf_counter() - start)
     print(f"machine load check: one float32 rfft of {fft_length} samples takes {min(timings) * 1000:.2f} ms "
           f"(median {np.median(timings) * 1000:.2f} ms)")
-    render = lambda index: dataset.renderer.render(scenes[index])  # noqa: E731
-    spectrum_cache_megabytes = 0
-    start = time.perf_counter()
-    for index in range(config.count):  # brings the RIRs of these scenes into the page cache
-        render(index)
-    print(f"warm-up render of the {config.count} scenes: {time.perf_counter() - start:.1f} s")
-    for megabytes in (config.cache_megabytes, 0):
-        spectrum_cache_megabytes = megabytes
-        _SPECTRA.clear()
-        _measure(f"generate + render, memory cache {megabytes} MB", config.count, dataset.__getitem__)
-        _SPECTRA.clear()
-        _measure(f"render from metadata, memory cache {megabytes} MB", config.count, render)
-    cache_dir = config.cache_dir or tempfile.mkdtemp(prefix="spectra-")
-    try:
-        dataset.renderer.cache_dir = cache_dir
+    styles = (("tagger-style: 1 channel, no dry targets", SceneConfig(nevent_range=(0, 3)),
+               dict(num_channels=1, return_sources=False), config.tagger_batch),
+              ("separator-style: 4 channels + dry targets", SceneConfig(), {}, config.separator_batch))
+    for title, scene, options, batch_size in styles:
+        print(f"\n{title}, {batch_size} mixtures per batch, {config.count} mixtures")
+        dataset = GeneratedDataset(config.data, scene, length=config.count, seed=config.seed, render=False, **options)
+        for index in range(config.count):  # brings the files of these scenes into the page cache
+            dataset[index]
+        TIMER.seconds.clear()
         start = time.perf_counter()
-        for index in range(config.count):  # fills the disk cache with the positions the scenes use
-            render(index)
-        print(f"disk cache {cache_dir}: filled in {time.perf_counter() - start:.1f} s")
-        _measure("generate + render, disk cache (warm), memory 0 MB", config.count, dataset.__getitem__)
-        _measure("render from metadata, disk cache (warm), memory 0 MB", config.count, render)
-    finally:
-        dataset.renderer.cache_dir = None
-        if not config.cache_dir:
+        batches = [collate([dataset[index] for index in range(first, min(first + batch_size, config.count))])
+                   for first in range(0, config.count, batch_size)]
+        total = (time.perf_counter() - start) * 1000 / config.count
+        print(f"  worker: scene draw + reading + collate        {total:7.2f} ms/mixture  "
+              f"({_breakdown(config.count, ('scene', 'reading'))})")
+        if device.type == "cuda":
+            batches = [_pinned(batch) for batch in batches]
+        renderer = BatchRenderer(device, config.cache_megabytes)
+        for label in ("first pass (RIR spectra read + FFT)", "RIR spectra cached"):
+            TIMER.seconds.clear()
+            synchronize()
+            start = time.perf_counter()
+            for batch in batches:
+                renderer(batch)
+            synchronize()
+            seconds = time.perf_counter() - start
+            line = f"  device {device.type}, {label:<36} {config.count / seconds:8.1f} mixtures/s"
+            if label == "RIR spectra cached":  # a second pass with a wait per phase gives the breakdown
+                TIMER.seconds.clear()
+                TIMER.device = device if device.type == "cuda" else None
+                for batch in batches:
+                    renderer(batch)
+                TIMER.device = None
+                line += f"  (ms/mixture: {_breakdown(config.count, ('spectra', 'sources', 'mixing', 'inverse'))})"
+            print(line)
+        rendering = GeneratedDataset(config.data, scene, length=config.count, seed=config.seed, **options)
+        cache_dir = tempfile.mkdtemp(prefix="spectra-")
+        try:
+            for label, megabytes, folder in ((f"memory cache {spectrum_cache_megabytes} MB", spectrum_cache_megabytes,
+                                              None), ("disk cache (warm), memory 0 MB", 0, cache_dir)):
+                rendering.renderer = Renderer((".",), rendering.index.rooms, folder)
+                saved, spectrum_cache_megabytes = spectrum_cache_megabytes, megabytes
+                if folder is not None:
+                    for index in range(config.count):  # fills the disk cache with the positions the scenes use
+                        rendering[index]
+                TIMER.seconds.clear()
+                start = time.perf_counter()
+                for index in range(config.count):
+                    rendering[index]
+                total = (time.perf_counter() - start) * 1000 / config.count
+                spectrum_cache_megabytes = saved
+                print(f"  workers mode, one mixture at a time, {label:<31} {total:7.2f} ms/mixture  "
+                      f"({_breakdown(config.count, ('scene', 'reading', 'spectra', 'sources', 'mixing', 'inverse'))})")
+        finally:
             shutil.rmtree(cache_dir, ignore_errors=True)
 
 

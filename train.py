@@ -37,6 +37,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -50,7 +51,7 @@ from cli import add_config_flags
 from metrics import (binary_cross_entropy, capi_sdri, class_aware_pit_snr_loss, label_accuracies, label_counts,
                      masked_snr_loss, pit_cross_entropy, snr, snr_loss)
 from model import SeparatorConfig, TaggerConfig, build_separator, build_tagger, load_separator, load_tagger
-from synth import (LABELS, SAMPLE_RATE, GeneratedDataset, MetadataDataset, SceneConfig, collate,
+from synth import (LABELS, SAMPLE_RATE, BatchRenderer, GeneratedDataset, MetadataDataset, SceneConfig, collate,
                    keep_heap_memory)
 
 TASKS = ("tagging", "separation")
@@ -59,6 +60,7 @@ LOSSES = {"tagging": ("pit_cross_entropy", "binary_cross_entropy"),
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 CPU_HEAP_KEEP_MEGABYTES = 2047  # freed memory a CPU training process keeps for the next step (synth.keep_heap_memory)
 M2D_WEIGHTS = "checkpoint/m2d_as_vit_base-80x1001p16x16p32k-240413_AS-FT_enconly/weights_ep69it3124-0.47998.pth"
+VALID_MEMORY_BYTES = 2 * 2**30  # per rank: a larger rendered validation set goes to files in the run folder
 DATA_HINT = ("Create the small demo set with `python data_prep.py demo` (writes data/dev_set), or check a full "
              "development set with `python data_prep.py verify --data DIR`.")
 
@@ -87,8 +89,10 @@ class TrainConfig:
     tf32: bool = True  # TF32 matmuls and convolutions on Ampere+ GPUs (torch enables it for cuDNN convs by default)
     compile: bool = False  # torch.compile the training forward
     device: str = "auto"  # 'cpu', 'cuda' or 'auto' (cuda when available)
-    num_workers: int = 2  # DataLoader worker processes per rank that synthesize scenes
-    spectrum_cache_dir: str = ""  # folder for RIR spectra shared by workers and runs ('' = off; 8 MB per position)
+    num_workers: int = -1  # DataLoader processes per rank that read scenes (-1 = CPU cores per local rank - 1, >= 1)
+    render_on: str = "auto"  # 'device' (workers read, the training device renders), 'workers', 'auto' (device on CUDA)
+    rir_cache_megabytes: int = 4096  # MB of RIR spectra kept on the training device (--render_on device)
+    spectrum_cache_dir: str = ""  # folder for RIR spectra shared by processes and runs ('' = off; 10 MB per position)
     prefetch_factor: int = 4  # batches each worker prepares ahead
     log_interval: int = 10  # steps between log lines
     eval_interval: int = 632  # steps between validations (official: once per epoch)
@@ -238,7 +242,7 @@ def resolve_config(argv=None) -> tuple[argparse.Namespace, TrainConfig, object, 
 
 def check_train_config(config: TrainConfig, model_config) -> None:
     choices = {"dtype": tuple(DTYPES), "lr_schedule": ("constant", "cosine"), "device": ("auto", "cpu", "cuda"),
-               "loss": ("auto",) + LOSSES[config.task]}
+               "loss": ("auto",) + LOSSES[config.task], "render_on": ("auto", "device", "workers")}
     for name, valid in choices.items():
         if getattr(config, name) not in valid:
             raise SystemExit(f"--{name} {getattr(config, name)!r}: expected one of {', '.join(valid)}")
@@ -246,6 +250,10 @@ def check_train_config(config: TrainConfig, model_config) -> None:
                  "checkpoint_interval"):
         if getattr(config, name) < 1:
             raise SystemExit(f"--{name} must be at least 1, got {getattr(config, name)}")
+    if config.num_workers < -1:
+        raise SystemExit(f"--num_workers must be -1 (automatic) or at least 0, got {config.num_workers}")
+    if config.rir_cache_megabytes < 0:
+        raise SystemExit(f"--rir_cache_megabytes must be at least 0, got {config.rir_cache_megabytes}")
     if config.task == "separation" and resolve_loss(config, model_config) == "snr" and model_config.num_slots != 1:
         raise SystemExit("--loss snr trains a single-query separator: set --separator.num_slots 1")
 
@@ -305,6 +313,20 @@ def label_modes(task: str, model_config) -> dict:
     if task == "tagging":
         return dict(label_vector_mode="multihot", silence_label_mode="zeros", return_sources=False)
     return dict(label_vector_mode="stack", silence_label_mode="zeros", return_sources=True)
+
+
+def mixture_channels(task: str, model_config) -> int | None:
+    """Mixture channels the model reads: the 1-channel taggers only need channels up to the reference one."""
+    if task == "tagging" and model_config.num_channels == 1:
+        return model_config.ref_channel + 1
+    return None  # all of the room's
+
+
+def default_num_workers() -> int:
+    """DataLoader workers per rank: the CPU cores this process may use, shared by the ranks of this machine, minus
+    one for the training process itself, and at least one (2 cores, 1 rank: 1; 16 cores, 4 ranks: 3)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, cores // int(os.environ.get("LOCAL_WORLD_SIZE", 1)) - 1)
 
 
 class StepBatches(torch.utils.data.Sampler):
@@ -412,24 +434,69 @@ def compute_loss(model, batch: dict, loss_name: str, generator: torch.Generator 
     return -snr(preds.double(), targets.double())[active].mean(), preds  # 'snr' validation: every real source
 
 
-def to_device(batch: dict, device: torch.device) -> dict:
-    return {key: value.to(device, non_blocking=True) if torch.is_tensor(value) else value
-            for key, value in batch.items()}
+class ValidationSet:
+    """This rank's validation mixtures, rendered once (at the first validation) and kept for all later ones.
+
+    They stay in memory up to VALID_MEMORY_BYTES per rank and otherwise go to memory-mapped files in the run folder
+    (the official separator validation keeps 4 mixture channels and 3 dry targets: about 9 MB per 10 s mixture).
+    The files are unlinked at creation, so they vanish with the process whatever way it ends. Iterating yields
+    batches of `batch_size` on the device.
+    """
+
+    def __init__(self, loader, device_batch: BatchRenderer, count: int, folder: Path, batch_size: int):
+        self.loader, self.device_batch, self.count, self.folder = loader, device_batch, count, folder
+        self.batch_size = batch_size
+        self.stored = None  # key -> tensor [count, ...] or list [count]
+
+    def _render(self) -> dict:
+        stored, start = {}, 0
+        for batch in self.loader:
+            batch = self.device_batch(batch)
+            batch.pop("metadata", None)
+            if not stored:
+                per_item = sum(value[0].numel() * value.element_size() for value in batch.values() if torch.is_tensor(value))
+                in_memory = per_item * self.count <= VALID_MEMORY_BYTES
+                if not in_memory:
+                    self.folder.mkdir(parents=True, exist_ok=True)
+                for key, value in batch.items():
+                    shape = (self.count, *value.shape[1:]) if torch.is_tensor(value) else None
+                    if shape is None:
+                        stored[key] = []
+                    elif in_memory:
+                        stored[key] = torch.empty(shape, dtype=value.dtype)
+                    else:
+                        dtype = torch.empty(0, dtype=value.dtype).numpy().dtype
+                        stored[key] = torch.from_numpy(np.memmap(tempfile.TemporaryFile(dir=self.folder), dtype,
+                                                                 mode="w+", shape=shape))
+            size = len(batch["label"])
+            for key, value in batch.items():
+                if torch.is_tensor(value):
+                    stored[key][start:start + size].copy_(value)
+                else:
+                    stored[key] += value
+            start += size
+        return stored
+
+    def __iter__(self):
+        if self.stored is None:
+            self.stored = self._render()
+        for start in range(0, self.count, self.batch_size):
+            yield self.device_batch({key: value[start:start + self.batch_size] for key, value in self.stored.items()})
 
 
 @torch.no_grad()
 def validate(model, loader, config: TrainConfig, loss_name: str, device, autocast, world_size: int) -> dict:
     """Validation loss over this rank's share of valid.json, plus CAPI-SDRi with oracle labels (separation) or
-    the label accuracies (tagging); the per-mixture records of all ranks are gathered before averaging."""
+    the label accuracies (tagging; the labels come from the logits of the loss, by the tagger's predict rule); the
+    per-mixture records of all ranks are gathered before averaging."""
     model.eval()
     records = []  # (loss, mixtures) per batch and per-mixture scores
     scores = []
-    for batch in loader:
-        batch = to_device(batch, device)
+    for batch in loader:  # already on the device
         with autocast:
             loss, estimated = compute_loss(model, batch, loss_name)  # separation: estimated [B, 3, L]
-            if config.task == "tagging":
-                estimated = model.predict(batch["mixture"])[0]  # labels, 3 per mixture
+        if config.task == "tagging":
+            estimated = model.labels_from_logits(estimated)[0]  # labels, 3 per mixture
         records.append((loss.item(), len(batch["label"])))
         for b, labels in enumerate(batch["label"]):
             if config.task == "tagging":
@@ -575,22 +642,28 @@ def train(cli, config: TrainConfig, model_config, scene: SceneConfig, preset: st
     trainable = [parameter for parameter in model.parameters() if parameter.requires_grad]
     autocast = torch.autocast(device.type, dtype=DTYPES[config.dtype], enabled=config.dtype != "fp32")
 
-    # Data: an endless stream of generated scenes indexed by step, and the fixed metadata validation set.
-    modes = label_modes(config.task, model_config)
+    # Data: an endless stream of generated scenes indexed by step, and the fixed metadata validation set. Loader
+    # workers read the scenes; they render them too (--render_on workers), or device_batch renders each batch on
+    # the training device, only the channels and targets the task uses.
+    render_on = config.render_on if config.render_on != "auto" else "device" if device.type == "cuda" else "workers"
+    workers = config.num_workers if config.num_workers >= 0 else default_num_workers()
+    cache = config.spectrum_cache_dir or None
+    options = dict(label_modes(config.task, model_config), spectrum_cache_dir=cache, render=render_on == "workers",
+                   num_channels=mixture_channels(config.task, model_config))
     sampler = StepBatches(step, config.max_steps, accumulation, rank, world_size, config.batch_size)
     try:
-        cache = config.spectrum_cache_dir or None
         train_set = GeneratedDataset(data_root, scene, length=config.max_steps * config.global_batch,
-                                     seed=config.seed, spectrum_cache_dir=cache, **modes)
-        valid_set = MetadataDataset(data_root / "metadata" / "valid.json", data_root=data_root,
-                                    spectrum_cache_dir=cache, **modes)
+                                     seed=config.seed, **options)
+        valid_set = MetadataDataset(data_root / "metadata" / "valid.json", data_root=data_root, **options)
     except (OSError, ValueError, KeyError) as error:
         raise SystemExit(f"data root {data_root}: {error}\n{DATA_HINT}")
     valid_count = min(len(valid_set), config.eval_mixtures or len(valid_set))
     valid_set = torch.utils.data.Subset(valid_set, range(rank, valid_count, world_size))
-    train_loader = make_loader(train_set, config.num_workers, config, device, True, batch_sampler=sampler)
-    valid_loader = make_loader(valid_set, min(config.num_workers, 2), config, device, False,
-                               batch_size=config.eval_batch_size)
+    device_batch = BatchRenderer(device, config.rir_cache_megabytes, cache)
+    train_loader = make_loader(train_set, workers, config, device, True, batch_sampler=sampler)
+    valid_loader = ValidationSet(make_loader(valid_set, min(workers, 2), config, device, False,
+                                             batch_size=config.eval_batch_size),
+                                 device_batch, len(valid_set), out_dir, config.eval_batch_size)
 
     # Run folder, resolved configuration and start-up summary.
     record = {"preset": preset, "train": dataclasses.asdict(config), kind: dataclasses.asdict(model_config),
@@ -606,6 +679,8 @@ def train(cli, config: TrainConfig, model_config, scene: SceneConfig, preset: st
     say(f"global batch {config.global_batch} = batch {config.batch_size} x world size {world_size} x "
         f"accumulation {accumulation} | steps {step} -> {config.max_steps} | {valid_count} validation mixtures | "
         f"out_dir {out_dir}")
+    say(f"data: {workers} loader workers per rank read the scenes; rendered on "
+        f"{f'{device} (RIR cache {config.rir_cache_megabytes} MB)' if render_on == 'device' else 'the workers'}")
     if unused:
         say(f"{len(unused)} parameter tensors never get a gradient and are frozen (no find_unused_parameters): "
             f"{', '.join(unused[:4])}{', ...' if len(unused) > 4 else ''}")
@@ -656,7 +731,7 @@ def train(cli, config: TrainConfig, model_config, scene: SceneConfig, preset: st
         loss_sum = torch.zeros((), dtype=torch.float64, device=device)
         for micro_step in range(accumulation):
             wait_start = time.perf_counter()
-            batch = to_device(next(batches), device)
+            batch = device_batch(next(batches))  # on the device, rendered
             window["wait"] += time.perf_counter() - wait_start
             generator = None
             if loss_name == "snr":  # the 2025 single-query draw, a function of the scene number like the data
