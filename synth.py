@@ -559,7 +559,7 @@ class RirSpectra:
             if key in self.slots:
                 self.slots.move_to_end(key)
         missing = [key for key in wanted if key not in self.slots]
-        keep = self.megabytes * 2 ** 20 // ((fft_length // 2 + 1) * (8 * channels + 4 + 8 * dry))  # entries
+        keep = self.megabytes * 2 ** 20 // self.entry_bytes(fft_length, channels, dry)  # entries
         if missing:
             limit = max(keep, len(wanted))  # a batch's own RIRs are always held
             self._forget(len(self.slots) + len(missing) - limit)  # this batch's keys are the most recent
@@ -574,6 +574,11 @@ class RirSpectra:
         if self.device.type == "cuda":  # a copy from pinned memory does not wait for the queued GPU work
             return rows.pin_memory().to(self.device, non_blocking=True)
         return rows.to(self.device)
+
+    @staticmethod
+    def entry_bytes(fft_length, channels, dry):
+        """Bytes of one RIR position: C channel spectra, the power and (with dry targets) the window spectrum."""
+        return (fft_length // 2 + 1) * (8 * channels + 4 + 8 * dry)
 
     def _forget(self, count):
         """Drop the `count` least recently used entries (their rows become free)."""
@@ -643,11 +648,20 @@ class RirSpectra:
                 self.direct[row] = spectra[room.num_channels]
 
 
-def new_tensor(shape, dtype, shared=False):
+def spectra_megabytes(rooms, duration, channels=None, dry=True):
+    """Megabytes RirSpectra takes to keep every position of `rooms` for scenes of `duration` s (channels None =
+    all of the rooms')."""
+    fft_length = scipy.fft.next_fast_len(int(duration * SAMPLE_RATE) + max(room.rir_length for room in rooms) - 1,
+                                         real=True)
+    entry = RirSpectra.entry_bytes(fft_length, channels or max(room.num_channels for room in rooms), dry)
+    return sum(room.num_positions for room in rooms) * entry / 2 ** 20
+
+
+def new_tensor(shape, dtype, shared=False, device="cpu"):
     """torch.empty, or in shared memory: a batch made inside a DataLoader worker then reaches the training process
     without another copy (the queue would otherwise copy every tensor into shared memory)."""
     if not shared:
-        return torch.empty(shape, dtype=dtype)
+        return torch.empty(shape, dtype=dtype, device=device)
     storage = torch.UntypedStorage._new_shared(math.prod(shape) * dtype.itemsize)
     return torch.empty(0, dtype=dtype).set_(storage, 0, shape)
 
@@ -658,10 +672,9 @@ def stack_scenes(records, shared=False):
     The E events of all B mixtures are listed together and their sources concatenated (T samples), so only real
     samples cross between processes. Tensors: sources float32 [T], source_lengths, onsets, full_lengths int64 [E],
     target_db float64 [E], event_items [E] (the mixture of each event), event_table [B, K] (the events of each
-    mixture; E where it has fewer than K),
-    foreground [E_fg] (events with a dry target) and dry_index [E_fg] (mixture * S + slot), background float32
-    [B, C, L]. Plain values: rir_keys [E], fft_length, dry_slots S (0 = no dry targets). shared: tensors in shared
-    memory (set by collate inside a DataLoader worker).
+    mixture; E where it has fewer than K), foreground [E_fg] (events with a dry target) and dry_index [E_fg]
+    (mixture * S + slot), background float32 [B, C, L]. Plain values: rir_keys [E], fft_length, dry_slots S (0 = no
+    dry targets). shared: tensors in shared memory (set by collate inside a DataLoader worker).
     """
     shapes = sorted({record["background"].shape for record in records})
     if len(shapes) > 1:
@@ -757,12 +770,13 @@ def render_scenes(scenes, spectra):
                       out=outputs[B * C:B * C + len(foreground)])  # (E_fg, F)
     with TIMER("inverse"):
         waves = irfft(outputs, fft_length)  # (rows, N)
-        shared = background.device.type == "cpu" and torch.utils.data.get_worker_info() is not None
+        device = background.device
+        shared = device.type == "cpu" and torch.utils.data.get_worker_info() is not None  # see collate
         mixture = torch.add(waves[:B * C, :L].reshape(B, C, L), background,
-                            out=new_tensor((B, C, L), torch.float32, shared))
+                            out=new_tensor((B, C, L), torch.float32, shared, device))
         dry = None
         if dry_slots:
-            dry = new_tensor((B * dry_slots, L), torch.float32, shared).zero_()
+            dry = new_tensor((B * dry_slots, L), torch.float32, shared, device).zero_()
             dry[scenes["dry_index"]] = waves[B * C:B * C + len(foreground), :L]
             dry = dry.view(B, dry_slots, 1, L)
     return mixture, dry

@@ -52,7 +52,7 @@ from metrics import (binary_cross_entropy, capi_sdri, class_aware_pit_snr_loss, 
                      masked_snr_loss, pit_cross_entropy, snr, snr_loss)
 from model import SeparatorConfig, TaggerConfig, build_separator, build_tagger, load_separator, load_tagger
 from synth import (LABELS, SAMPLE_RATE, BatchRenderer, GeneratedDataset, MetadataDataset, SceneConfig, collate,
-                   keep_heap_memory)
+                   keep_heap_memory, spectra_megabytes)
 
 TASKS = ("tagging", "separation")
 LOSSES = {"tagging": ("pit_cross_entropy", "binary_cross_entropy"),
@@ -91,7 +91,7 @@ class TrainConfig:
     device: str = "auto"  # 'cpu', 'cuda' or 'auto' (cuda when available)
     num_workers: int = -1  # DataLoader processes per rank that read scenes (-1 = CPU cores per local rank - 1, >= 1)
     render_on: str = "auto"  # 'device' (workers read, the training device renders), 'workers', 'auto' (device on CUDA)
-    rir_cache_megabytes: int = 4096  # MB of RIR spectra kept on the training device (--render_on device)
+    rir_cache_megabytes: int = 2048  # MB of RIR spectra kept on the training device (--render_on device)
     spectrum_cache_dir: str = ""  # folder for RIR spectra shared by processes and runs ('' = off; 10 MB per position)
     prefetch_factor: int = 4  # batches each worker prepares ahead
     log_interval: int = 10  # steps between log lines
@@ -439,49 +439,51 @@ class ValidationSet:
 
     They stay in memory up to VALID_MEMORY_BYTES per rank and otherwise go to memory-mapped files in the run folder
     (the official separator validation keeps 4 mixture channels and 3 dry targets: about 9 MB per 10 s mixture).
-    The files are unlinked at creation, so they vanish with the process whatever way it ends. Iterating yields
+    The files are unlinked at creation, so they vanish with the process whatever way it ends. The single rendering
+    pass keeps no RIR spectra beyond each batch, so the training device's cache stays as it is. Iterating yields
     batches of `batch_size` on the device.
     """
 
-    def __init__(self, loader, device_batch: BatchRenderer, count: int, folder: Path, batch_size: int):
-        self.loader, self.device_batch, self.count, self.folder = loader, device_batch, count, folder
-        self.batch_size = batch_size
+    def __init__(self, loader, device: torch.device, count: int, batch_size: int, folder: Path, cache_dir):
+        self.loader, self.count, self.batch_size, self.folder = loader, count, batch_size, folder
+        self.renderer = BatchRenderer(device, 0, cache_dir)
         self.stored = None  # key -> tensor [count, ...] or list [count]
 
     def _render(self) -> dict:
         stored, start = {}, 0
         for batch in self.loader:
-            batch = self.device_batch(batch)
+            batch = self.renderer(batch)
             batch.pop("metadata", None)
+            tensors = {key: value for key, value in batch.items() if torch.is_tensor(value)}
             if not stored:
-                per_item = sum(value[0].numel() * value.element_size() for value in batch.values() if torch.is_tensor(value))
-                in_memory = per_item * self.count <= VALID_MEMORY_BYTES
+                in_memory = self.count * sum(value[0].nbytes for value in tensors.values()) <= VALID_MEMORY_BYTES
                 if not in_memory:
                     self.folder.mkdir(parents=True, exist_ok=True)
                 for key, value in batch.items():
-                    shape = (self.count, *value.shape[1:]) if torch.is_tensor(value) else None
+                    shape = (self.count, *value.shape[1:]) if key in tensors else None
                     if shape is None:
                         stored[key] = []
                     elif in_memory:
                         stored[key] = torch.empty(shape, dtype=value.dtype)
                     else:
+                        file = tempfile.TemporaryFile(dir=self.folder)
                         dtype = torch.empty(0, dtype=value.dtype).numpy().dtype
-                        stored[key] = torch.from_numpy(np.memmap(tempfile.TemporaryFile(dir=self.folder), dtype,
-                                                                 mode="w+", shape=shape))
+                        stored[key] = torch.from_numpy(np.memmap(file, dtype, "w+", shape=shape))
             size = len(batch["label"])
             for key, value in batch.items():
-                if torch.is_tensor(value):
+                if key in tensors:
                     stored[key][start:start + size].copy_(value)
                 else:
                     stored[key] += value
             start += size
+        self.renderer = BatchRenderer(self.renderer.device, 0)  # frees the RIR spectra of the rendering pass
         return stored
 
     def __iter__(self):
         if self.stored is None:
             self.stored = self._render()
         for start in range(0, self.count, self.batch_size):
-            yield self.device_batch({key: value[start:start + self.batch_size] for key, value in self.stored.items()})
+            yield self.renderer({key: value[start:start + self.batch_size] for key, value in self.stored.items()})
 
 
 @torch.no_grad()
@@ -663,7 +665,7 @@ def train(cli, config: TrainConfig, model_config, scene: SceneConfig, preset: st
     train_loader = make_loader(train_set, workers, config, device, True, batch_sampler=sampler)
     valid_loader = ValidationSet(make_loader(valid_set, min(workers, 2), config, device, False,
                                              batch_size=config.eval_batch_size),
-                                 device_batch, len(valid_set), out_dir, config.eval_batch_size)
+                                 device, len(valid_set), config.eval_batch_size, out_dir, cache)
 
     # Run folder, resolved configuration and start-up summary.
     record = {"preset": preset, "train": dataclasses.asdict(config), kind: dataclasses.asdict(model_config),
@@ -679,8 +681,16 @@ def train(cli, config: TrainConfig, model_config, scene: SceneConfig, preset: st
     say(f"global batch {config.global_batch} = batch {config.batch_size} x world size {world_size} x "
         f"accumulation {accumulation} | steps {step} -> {config.max_steps} | {valid_count} validation mixtures | "
         f"out_dir {out_dir}")
-    say(f"data: {workers} loader workers per rank read the scenes; rendered on "
-        f"{f'{device} (RIR cache {config.rir_cache_megabytes} MB)' if render_on == 'device' else 'the workers'}")
+    if render_on == "device":
+        rooms = train_set.index.rooms
+        needed = spectra_megabytes(rooms, scene.duration, options["num_channels"], options["return_sources"])
+        say(f"data: {workers} loader workers per rank read the scenes, {device} renders them; the RIR spectra of all "
+            f"{sum(room.num_positions for room in rooms)} training positions take {needed:.0f} MB of "
+            f"--rir_cache_megabytes {config.rir_cache_megabytes}" + ("" if needed <= config.rir_cache_megabytes else
+                                                                   " (too small: misses are read from the SOFA "
+                                                                   "files in the training process)"))
+    else:
+        say(f"data: {workers} loader workers per rank read and render the scenes")
     if unused:
         say(f"{len(unused)} parameter tensors never get a gradient and are frozen (no find_unused_parameters): "
             f"{', '.join(unused[:4])}{', ...' if len(unused) > 4 else ''}")

@@ -267,3 +267,82 @@ def test_index_errors(tmp_path):
     soundfile.write(tmp_path / "sound_event" / "Speech" / "x.wav", np.zeros((100, 2)), RATE)
     with pytest.raises(ValueError, match="x.wav: 2 channels, expected 1"):
         synth.DataIndex(tmp_path)
+
+
+STYLES = {"tagger": (synth.SceneConfig(nevent_range=(0, 3)), dict(num_channels=1, return_sources=False)),
+          "separator": (synth.SceneConfig(), {})}
+
+
+@pytest.mark.parametrize("style", STYLES)
+@pytest.mark.parametrize("gpu_code", [False, True])
+def test_device_rendering_equals_worker_rendering(style, gpu_code, demo_dev_set, tmp_path, monkeypatch):
+    """Workers read, the device renders the batch: same mixtures, dry targets and labels as rendering per item,
+    also with the code written for GPUs (torch.fft, indexed copies) run on the CPU; a scene of the batch still
+    renders back from its metadata."""
+    monkeypatch.setattr(synth, "CPU_KERNELS", not gpu_code)
+    scene, options = STYLES[style]
+    workers = synth.GeneratedDataset(demo_dev_set, scene, length=6, seed=5, label_vector_mode="stack",
+                                     silence_label_mode="onehot", **options)
+    device = synth.GeneratedDataset(demo_dev_set, scene, length=6, seed=5, label_vector_mode="stack",
+                                    silence_label_mode="onehot", render=False, **options)
+    monkeypatch.setattr(synth, "CPU_KERNELS", True)  # the reference: per item, scipy on the CPU
+    expected = synth.collate([workers[index] for index in range(6)])
+    monkeypatch.setattr(synth, "CPU_KERNELS", not gpu_code)
+    batch = synth.collate([device[index] for index in range(6)])
+    assert "mixture" not in batch and batch["scene"]["background"].shape == expected["mixture"].shape
+    rendered = synth.BatchRenderer("cpu", 64)(batch)
+    channels = 1 if style == "tagger" else 4
+    assert rendered["mixture"].shape == (6, channels, 320000)
+    peak = expected["mixture"].abs().max()
+    assert (rendered["mixture"] - expected["mixture"]).abs().max() <= 1e-4 * peak
+    assert rendered["label"] == expected["label"] and torch.equal(rendered["label_vector"], expected["label_vector"])
+    if style == "tagger":
+        assert "dry_sources" not in rendered and "dry_sources" not in expected
+        full = synth.Renderer().render(batch["metadata"][0])["mixture"][0]  # the tagger's channel is channel 0
+        assert np.max(np.abs(rendered["mixture"][0, 0].numpy() - full)) <= 1e-4 * np.max(np.abs(full))
+    else:
+        assert rendered["dry_sources"].shape == (6, 3, 1, 320000)
+        dry_peak = expected["dry_sources"].abs().max()
+        assert (rendered["dry_sources"] - expected["dry_sources"]).abs().max() <= 1e-4 * dry_peak
+        for number in range(6):  # silence slots are all zeros, the others are real targets
+            silent = [label == synth.SILENCE for label in rendered["label"][number]]
+            assert [bool(source.abs().max() == 0) for source in rendered["dry_sources"][number]] == silent
+    (tmp_path / "scene.json").write_text(json.dumps(batch["metadata"][1]))
+    again = synth.MetadataDataset(tmp_path, num_channels=options.get("num_channels"))[0]
+    assert (again["mixture"] - rendered["mixture"][1]).abs().max() <= 1e-4 * again["mixture"].abs().max()
+
+
+def test_gpu_code_keeps_every_tensor_on_the_device(demo_dev_set, monkeypatch):
+    """The rendering code for GPUs run on the 'meta' device, where any tensor left on the CPU is an error."""
+    dataset = synth.GeneratedDataset(demo_dev_set, length=3, seed=2, render=False)
+    rendered = synth.BatchRenderer("meta", 64)(synth.collate([dataset[index] for index in range(3)]))
+    for key in ("mixture", "dry_sources", "label_vector"):
+        assert rendered[key].device.type == "meta"
+    assert rendered["mixture"].shape == (3, 4, 320000) and rendered["dry_sources"].shape == (3, 3, 1, 320000)
+
+
+def test_rir_spectra_stay_within_their_bound_and_give_the_same_mixtures(demo_dev_set):
+    dataset = synth.GeneratedDataset(demo_dev_set, length=8, seed=4, render=False)
+    batches = [synth.collate([dataset[index] for index in range(first, first + 2)]) for first in range(0, 8, 2)]
+    unbounded, bounded = synth.BatchRenderer("cpu", 1024), synth.BatchRenderer("cpu", 0)
+    largest = max(len(set(batch["scene"]["rir_keys"])) for batch in batches)
+    for batch in batches + batches:
+        expected, actual = unbounded(batch)["mixture"], bounded(batch)["mixture"]
+        assert torch.equal(expected, actual)
+        assert not bounded.spectra.slots  # nothing is kept beyond the batch
+        assert len(bounded.spectra.power) <= largest  # the tables hold one batch at most
+    positions = {key for batch in batches for key in batch["scene"]["rir_keys"]}
+    assert len(unbounded.spectra.slots) == len(positions)  # all kept, read once
+
+
+def test_collate_makes_the_batch_in_shared_memory_inside_a_worker(demo_dev_set):
+    dataset = synth.GeneratedDataset(demo_dev_set, length=2, seed=0, render=False)
+
+    def check(items):
+        batch = synth.collate(items)
+        tensors = [batch["label_vector"], *(v for v in batch["scene"].values() if torch.is_tensor(v))]
+        return all(tensor.is_shared() for tensor in tensors)
+
+    loader = torch.utils.data.DataLoader(dataset, batch_size=2, num_workers=1, collate_fn=check)
+    assert next(iter(loader)) is True
+    assert not synth.collate([dataset[0]])["label_vector"].is_shared()  # in the main process: ordinary memory

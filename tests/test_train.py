@@ -146,3 +146,66 @@ def test_sigterm_writes_last_checkpoint_and_exits_cleanly(demo_dev_set, tmp_path
     assert "stopped by a signal" in "".join(output)
     step = torch.load(tmp_path / "last.pt", map_location="cpu", weights_only=False)["step"]
     assert 2 <= step < 100000
+
+
+def test_torchrun_render_on_device_trains_checkpoints_and_resumes_exactly(demo_dev_set, tmp_path):
+    """2 processes (gloo), workers read and each process renders its batches: 1 step + resume to 2 steps equals 2
+    uninterrupted steps."""
+    device_args = ("--render_on", "device", "--num_workers", "1", "--eval_interval", "2")
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    runs = [(straight, ("--max_steps", "2")), (split, ("--max_steps", "1")), (split, ("--max_steps", "2", "--resume"))]
+    for out_dir, extra in runs:
+        result = run_script(tiny_args("separation", demo_dev_set, out_dir, *device_args, *extra), torchrun=True)
+        assert result.returncode == 0, result.stdout + result.stderr
+        assert "cpu renders them" in result.stdout
+    expected = torch.load(straight / "last.pt", map_location="cpu", weights_only=False)
+    actual = torch.load(split / "last.pt", map_location="cpu", weights_only=False)
+    assert (actual["step"], expected["step"], actual["world_size"]) == (2, 2, 2)
+    for key, value in expected["model"].items():
+        assert torch.equal(actual["model"][key], value), key
+    for key, value in expected["optimizer"]["state"][0].items():
+        assert torch.equal(actual["optimizer"]["state"][0][key], value), key
+    entries = [json.loads(line) for line in (split / "log.jsonl").read_text().splitlines()]
+    assert [entry["step"] for entry in entries if entry["event"] == "valid"] == [1, 2]
+
+
+def test_validation_renders_once_and_tagging_validation_runs_the_model_once(demo_dev_set, tmp_path, monkeypatch):
+    """Two validations read each validation scene once (the rendered set is kept, here in files because of a zero
+    memory budget) and run the tagger once per batch."""
+    import synth
+    from model import Tagger
+    reads, forwards, validations = [], [], []
+    read_scene, forward, validate = synth.MetadataDataset.__getitem__, Tagger.forward, train.validate
+
+    def counted_validate(*args):
+        forwards.clear()
+        result = validate(*args)
+        validations.append(len(forwards))
+        return result
+
+    monkeypatch.setattr(synth.MetadataDataset, "__getitem__", lambda self, index: reads.append(index) or
+                        read_scene(self, index))
+    monkeypatch.setattr(Tagger, "forward", lambda self, waveform: forwards.append(1) or forward(self, waveform))
+    monkeypatch.setattr(train, "validate", counted_validate)
+    monkeypatch.setattr(train, "VALID_MEMORY_BYTES", 0)
+    train.main(tiny_args("tagging", demo_dev_set, tmp_path, "--render_on", "device", "--eval_interval", "1"))
+    assert sorted(reads) == [0, 1]
+    assert validations == [2, 2]  # forward calls of each validation: 2 batches of 1 mixture
+    entries = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert [entry["mixtures"] for entry in entries if entry["event"] == "valid"] == [2, 2]
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["best.pt", "config.json", "last.pt", "log.jsonl"]
+
+
+def test_render_on_and_num_workers_defaults(monkeypatch):
+    with pytest.raises(SystemExit, match="--render_on 'gpu': expected one of auto, device, workers"):
+        train.resolve_config(["--render_on", "gpu"])
+    with pytest.raises(SystemExit, match="--num_workers must be -1"):
+        train.resolve_config(["--num_workers", "-2"])
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)))
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    assert train.default_num_workers() == 3  # 4 cores per rank, one for the training process
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1})
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
+    assert train.default_num_workers() == 1
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")
+    assert train.default_num_workers() == 1
