@@ -428,9 +428,8 @@ class Renderer:
                 rir_keys.append((str(room.path), position, direct_range))
         background = np.zeros((channels, length), dtype=np.float32)
         for event in scene.get("bg_events") or []:
-            audio = self._background(config, event, room.num_channels, length)
-            if audio is not None:
-                background += audio[:channels]
+            audio, gain = self._background(config, event, room.num_channels, length)
+            background += audio[:channels] * gain  # the level counts all channels; only the kept ones are scaled
         source_lengths = np.array([len(source) for source in sources], dtype=np.int64)
         return {"sources": np.concatenate(sources).astype(np.float32) if sources else np.zeros(0, np.float32),
                 "source_lengths": source_lengths, "onsets": np.array(onsets, dtype=np.int64),
@@ -457,8 +456,8 @@ class Renderer:
                 "labels": record["labels"]}
 
     def _background(self, config, event, channels, length):
-        """Background float32 [channels, L] scaled to ref_db (+ its snr, 0) over all channels and samples; tiled
-        when short; None (with a warning) when its channel count differs from the room's."""
+        """(background float32 [channels, L], float32 gain to ref_db (+ its snr, 0) over all channels and samples);
+        tiled when short; a zero gain (with a warning) when its channel count differs from the room's."""
         path = self.resolve(config["background_dir"], event["source_file"])
         if event.get("source_time") is not None:
             audio = read_audio(path, int(event["source_time"] * SAMPLE_RATE), length)
@@ -469,13 +468,14 @@ class Renderer:
             audio = np.tile(audio, (1, math.ceil(length / audio.shape[1])))[:, :length]
         if len(audio) != channels:
             warnings.warn(f"{path}: {len(audio)}-channel background for a {channels}-channel room, skipped")
-            return None
+            return np.zeros((channels, length), dtype=np.float32), np.float32(0)
         if audio.shape[1] < length:
             audio = np.pad(audio, ((0, 0), (0, length - audio.shape[1])))
-        energy = float(np.mean(audio.astype(np.float64) ** 2))
+        # Mean square in float32 pairwise sums per channel (relative error ~1e-8), the channels added in float64.
+        energy = float(np.square(audio).sum(axis=1).astype(np.float64).sum()) / audio.size
         if energy == 0:
-            return audio
-        return audio * np.float32(10 ** ((config["ref_db"] + event.get("snr", 0) - 10 * math.log10(energy)) / 20))
+            return audio, np.float32(1)
+        return audio, np.float32(10 ** ((config["ref_db"] + event.get("snr", 0) - 10 * math.log10(energy)) / 20))
 
 
 # ----------------------------------------------------------------------------------------------------------
