@@ -629,7 +629,7 @@ class RirSpectra:
             found.append((row, room, spectra, cache_file))
         if reads:  # all reads in one transform: whole groups of 4 rows for pocketfft, one launch on a GPU
             sizes = [len(response) + with_window for response, _ in reads]
-            stacked = np.zeros((fft_rows(sum(sizes)), max(response.shape[-1] for response, _ in reads)), np.float32)
+            stacked = np.zeros((fft_rows(sum(sizes)), fft_length), np.float32)  # padded here: one copy, not two
             for start, (response, window) in zip(np.cumsum([0] + sizes), reads):
                 stacked[start:start + len(response), :response.shape[-1]] = response
                 if with_window:  # the next row: channel 0 inside the direct-path window
@@ -642,7 +642,7 @@ class RirSpectra:
                     cache_file.parent.mkdir(parents=True, exist_ok=True)
                     _save_atomically(cache_file, spectra.cpu().numpy())
             channel_spectra = spectra[:room.num_channels]  # (R, F)
-            self.power[row] = torch.mul(channel_spectra, channel_spectra.conj()).real.mean(0)
+            self.power[row] = (channel_spectra.real.square() + channel_spectra.imag.square()).mean(0)
             self.spectra[row] = spectra[:channels]
             if dry:
                 self.direct[row] = spectra[room.num_channels]
@@ -657,11 +657,11 @@ def spectra_megabytes(rooms, duration, channels=None, dry=True):
     return sum(room.num_positions for room in rooms) * entry / 2 ** 20
 
 
-def new_tensor(shape, dtype, shared=False, device="cpu"):
+def new_tensor(shape, dtype, shared=False):
     """torch.empty, or in shared memory: a batch made inside a DataLoader worker then reaches the training process
     without another copy (the queue would otherwise copy every tensor into shared memory)."""
     if not shared:
-        return torch.empty(shape, dtype=dtype, device=device)
+        return torch.empty(shape, dtype=dtype)
     storage = torch.UntypedStorage._new_shared(math.prod(shape) * dtype.itemsize)
     return torch.empty(0, dtype=dtype).set_(storage, 0, shape)
 
@@ -755,7 +755,7 @@ def render_scenes(scenes, spectra):
                                fft_length)  # (rows, N)
         source_spectra = rfft(placed, fft_length)[:events]  # (E, F)
     with TIMER("mixing"):
-        weighted = torch.mul(source_spectra, source_spectra.conj()).real * spectra.power[slots]  # (E, F)
+        weighted = (source_spectra.real.square() + source_spectra.imag.square()) * spectra.power[slots]  # (E, F)
         # Parseval for a real signal: every bin counts twice except DC and (for an even length) Nyquist.
         energy = 2 * weighted.sum(-1).double() - weighted[:, 0]
         if fft_length % 2 == 0:
@@ -770,13 +770,10 @@ def render_scenes(scenes, spectra):
                       out=outputs[B * C:B * C + len(foreground)])  # (E_fg, F)
     with TIMER("inverse"):
         waves = irfft(outputs, fft_length)  # (rows, N)
-        device = background.device
-        shared = device.type == "cpu" and torch.utils.data.get_worker_info() is not None  # see collate
-        mixture = torch.add(waves[:B * C, :L].reshape(B, C, L), background,
-                            out=new_tensor((B, C, L), torch.float32, shared, device))
+        mixture = waves[:B * C, :L].reshape(B, C, L) + background
         dry = None
         if dry_slots:
-            dry = new_tensor((B * dry_slots, L), torch.float32, shared, device).zero_()
+            dry = background.new_zeros(B * dry_slots, L)
             dry[scenes["dry_index"]] = waves[B * C:B * C + len(foreground), :L]
             dry = dry.view(B, dry_slots, 1, L)
     return mixture, dry

@@ -24,6 +24,10 @@ Differences from the official Lightning recipe, on purpose:
 * Parameters that never receive a gradient (the separator's decoder beta2 FiLM layers and decoder bn2) are
   found once with a probe pass and frozen, instead of paying find_unused_parameters on every step.
 * SyncBatchNorm needs CUDA; CPU runs under torchrun keep per-rank BatchNorm statistics.
+* Mixtures are rendered on the training device (--render_on device, the default on CUDA; synth.BatchRenderer): the
+  loader workers only draw the scenes and read the audio. Only what the task uses is rendered (the 1-channel
+  tagger: channel 0 and no dry targets). The validation mixtures are rendered once per process and kept; the
+  official code synthesizes every validation mixture again at every validation.
 """
 import argparse
 import dataclasses
