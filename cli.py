@@ -72,9 +72,9 @@ def unknown_flags_message(unknown: list[str], parser: argparse.ArgumentParser,
             # --help and the --no-* forms of boolean flags are valid, but never what a typo meant
             candidates = [flag for flag in valid if flag != "--help" and (name.startswith("--no-")
                                                                            or not flag.startswith("--no-"))]
-            close = [flag for flag in candidates if flag.startswith(name)]
-            close += difflib.get_close_matches(name, candidates, SUGGESTIONS)
-            close = list(dict.fromkeys(close))[:SUGGESTIONS]  # abbreviation matches first, no repeats
+            # an abbreviation names the flags it starts; otherwise the most similar names are the likely meaning
+            close = [flag for flag in candidates if flag.startswith(name)][:SUGGESTIONS]
+            close = close or difflib.get_close_matches(name, candidates, SUGGESTIONS)
             parts.append(f"{name} (did you mean {' or '.join(close)}?)" if close else
                          f"{name} (no valid flag is close to it; --help lists them all)")
         elif position == 0 or not unknown[position - 1].startswith("-") or "=" in unknown[position - 1]:
