@@ -258,9 +258,9 @@ def list_inputs(data_dir: Path, with_references: bool, batch_size: int):
     references, problems = None, []
     if with_references:
         references, problems = index_sources(data_dir / "oracle_target", [path.stem for path in soundscapes])
-    header_problems, lengths = check_audio_headers(soundscapes, *([references] if with_references else []))
+    header_problems, mixture_lengths = check_audio_headers(soundscapes, *([references] if with_references else []))
     problems += header_problems
-    lengths = set(lengths.values())  # of the sound mixtures: only there would batch size 1 help
+    lengths = set(mixture_lengths.values())  # of the mixtures without problems: only for those would batch 1 help
     if batch_size > 1 and len(lengths) > 1:
         problems.append(f"{data_dir / 'soundscape'}: mixtures of different lengths ({min(lengths)} to "
                         f"{max(lengths)} samples) cannot be batched; use --batch_size 1")

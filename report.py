@@ -57,10 +57,9 @@ def pair_sources(est_labels: list[str], est_waveforms: torch.Tensor, ref_labels:
     """
     pairs = [{"reference": ref_labels[r], "estimate": est_labels[s], "sdri": improvement}
              for r, s, improvement in matched_pairs]
-    free_references = [r for r, label in enumerate(ref_labels)
-                       if label != SILENCE and r not in {r for r, _, _ in matched_pairs}]
-    free_estimates = [s for s, label in enumerate(est_labels)
-                      if label != SILENCE and s not in {s for _, s, _ in matched_pairs}]
+    matched_references, matched_estimates = {r for r, _, _ in matched_pairs}, {s for _, s, _ in matched_pairs}
+    free_references = [r for r, label in enumerate(ref_labels) if label != SILENCE and r not in matched_references]
+    free_estimates = [s for s, label in enumerate(est_labels) if label != SILENCE and s not in matched_estimates]
     for r in list(free_references):  # same class but unmatched: the 2025 CA-SDRi keeps one slot per class
         s = next((s for s in free_estimates if est_labels[s] == ref_labels[r]), None)
         if s is not None:
@@ -72,10 +71,10 @@ def pair_sources(est_labels: list[str], est_waveforms: torch.Tensor, ref_labels:
         estimates = est_waveforms[free_estimates].float()[None]  # (1, E', L)
         scores = snr(estimates.expand(len(free_references), -1, -1), references.expand(-1, len(free_estimates), -1))
         rows, columns = scipy.optimize.linear_sum_assignment(scores.double().cpu().numpy(), maximize=True)
-        chosen = [(free_references[i], free_estimates[j]) for i, j in zip(rows, columns)]
-        pairs += [{"reference": ref_labels[r], "estimate": est_labels[s], "sdri": None} for r, s in chosen]
-        free_references = [r for r in free_references if r not in {r for r, _ in chosen}]
-        free_estimates = [s for s in free_estimates if s not in {s for _, s in chosen}]
+        pairs += [{"reference": ref_labels[free_references[i]], "estimate": est_labels[free_estimates[j]],
+                   "sdri": None} for i, j in zip(rows, columns)]
+        free_references = [r for i, r in enumerate(free_references) if i not in rows]
+        free_estimates = [s for j, s in enumerate(free_estimates) if j not in columns]
     pairs += [{"reference": ref_labels[r], "estimate": SILENCE, "sdri": None} for r in free_references]
     pairs += [{"reference": SILENCE, "estimate": est_labels[s], "sdri": None} for s in free_estimates]
     return pairs
