@@ -170,3 +170,57 @@ def test_compare_result_folders(dataset, tmp_path, monkeypatch, capsys):
     code, _, error = compare(monkeypatch, capsys, tmp_path / "a", tmp_path / "ca" / "results.json")
     assert code != 0 and "CAPI-SDRi" in error and "CA-SDRi" in error
     assert len(error.strip().splitlines()) == 1 and "Traceback" not in error
+
+
+def test_ca_sdri_scoring(dataset, tmp_path):
+    data, estimates = dataset
+    result = evaluate("--estimates", estimates, "--data", data, "--out", tmp_path, "--metric", "ca-sdri")
+    assert result.returncode == 0, result.stderr
+    values, _ = expected_scores(data, estimates, metrics.ca_sdri)
+    mean = np.mean([value for value in values if value is not None])
+    lines = result.stdout.splitlines()
+    assert lines[0] == f"CA-SDRi: {mean:.3f}"
+    assert lines[1] == f"Label accuracy: {60.0:.3f}"  # sets: 0001 {Speech, Blender} vs {Speech, Pour}; 0002 miss
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["CA-SDRi"]["mean"] == pytest.approx(mean, abs=1e-9)
+    assert results["details"][0]["metrics"][0]["metric"] == "CA-SDRi"
+
+
+def test_bad_inputs_are_all_listed(dataset, tmp_path):
+    data, good = dataset
+    estimates = tmp_path / "estimates"
+    for path in good.iterdir():
+        (estimates / path.name).parent.mkdir(exist_ok=True)
+        (estimates / path.name).write_bytes(path.read_bytes())
+    noise = 0.1 * np.random.default_rng(1).standard_normal(LENGTH)
+    bad = {
+        "soundscape_0000_2_Speach.wav": (noise, SAMPLE_RATE),  # unknown label
+        "soundscape_0001_3_Pour.wav": (noise[: LENGTH // 2], SAMPLE_RATE // 2),  # 16 kHz
+        "soundscape_0002_0_Cough.wav": (noise[:-10], SAMPLE_RATE),  # shorter than the mixture
+        "soundscape_9999_0_Speech.wav": (noise, SAMPLE_RATE),  # no such soundscape
+        "other_Speech.wav": (noise, SAMPLE_RATE),  # no such soundscape
+    }
+    for name, (audio, sample_rate) in bad.items():
+        write(estimates / name, audio, sample_rate)
+    (estimates / "notes.txt").write_text("not audio")
+    result = evaluate("--estimates", estimates, "--data", data, "--out", tmp_path / "out")
+    assert result.returncode != 0
+    for name in bad:
+        assert name in result.stderr
+    assert "Speach" in result.stderr and "16000 Hz" in result.stderr and f"expected {LENGTH}" in result.stderr
+    assert "matches no soundscape" in result.stderr and "notes.txt" in result.stderr  # ignored, but said so
+    assert not (tmp_path / "out" / "results.json").exists()
+
+    missing = evaluate("--estimates", good, "--data", tmp_path / "nowhere")
+    assert missing.returncode != 0 and "nowhere" in missing.stderr
+    no_estimates = evaluate("--estimates", tmp_path / "absent", "--data", data)
+    assert no_estimates.returncode != 0 and "absent" in no_estimates.stderr
+
+
+def test_empty_estimate_folder_is_predicted_silence(dataset, tmp_path):
+    data, _ = dataset
+    (tmp_path / "empty").mkdir()
+    result = evaluate("--estimates", tmp_path / "empty", "--data", data)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines()[0] == "CAPI-SDRi: 0.000"  # every non-empty mixture scores 0
+    assert "predicted silence" in result.stderr
