@@ -7,7 +7,6 @@ of SpAudSyn metadata to WAV files.
     python data_prep.py add-data --semhear_path P --ears_path P [--data data/dev_set]
     python data_prep.py render --metadata data/dev_set/metadata/valid.json --out DIR [--data_root .]
 """
-import argparse
 import dataclasses
 import json
 import math
@@ -20,7 +19,7 @@ import numpy as np
 import scipy.signal
 import soundfile
 
-from cli import add_config_flags, config_from_args
+from cli import StrictParser, add_config_flags, config_from_args
 from synth import LABELS, SAMPLE_RATE, DataIndex, GeneratedDataset, Renderer, SceneConfig, metadata_files, parse_source_name
 
 SPEED_OF_SOUND = 343.0  # m/s
@@ -422,7 +421,7 @@ def add_data(config: AddDataConfig):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = StrictParser(description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
     add_config_flags(commands.add_parser("demo", help="write the procedural demo dev set"), DemoConfig)
     commands.add_parser("verify", help="check a dev set").add_argument("--data", default="data/dev_set")

@@ -27,7 +27,6 @@ Differences from the official Lightning recipe, on purpose:
 """
 import argparse
 import dataclasses
-import difflib
 import json
 import math
 import os
@@ -46,7 +45,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
-from cli import add_config_flags
+from cli import add_config_flags, unknown_flags_message
 from metrics import (binary_cross_entropy, capi_sdri, class_aware_pit_snr_loss, label_accuracies, label_counts,
                      masked_snr_loss, pit_cross_entropy, snr, snr_loss)
 from model import SeparatorConfig, TaggerConfig, build_separator, build_tagger, load_separator, load_tagger
@@ -173,10 +172,7 @@ def resolve_config(argv=None) -> tuple[argparse.Namespace, TrainConfig, object, 
     parser = build_parser()
     cli, unknown = parser.parse_known_args(argv)
     if unknown:
-        valid = sorted(action.option_strings[0] for action in parser._actions if action.option_strings)
-        hints = [f"{flag} (did you mean {', '.join(difflib.get_close_matches(flag.split('=')[0], valid, 3))}?)"
-                 for flag in unknown if flag.startswith("-")]
-        raise SystemExit(f"unknown arguments: {', '.join(hints or unknown)}\nvalid flags: {' '.join(valid)}")
+        raise SystemExit(unknown_flags_message(unknown, parser))
     flags = {section: {} for section in SECTIONS}
     for dest, value in vars(cli).items():
         if "." in dest:
