@@ -62,7 +62,7 @@ INTERFERENCE_CLASSES = (  # the bg_scaper_fmt classes the official add_data.sh t
     "Velcro, hook and loop fastener", "Waterfall", "Whoosh, swoosh, swish", "Wind", "Writing", "Zipper (clothing)",
 )
 # The official step resamples with librosa's default (soxr "HQ"). This windowed-sinc filter matches that output
-# within about 60 dB SNR on white noise (measured at 11.025 to 96 kHz input: 59.7-61.7 dB), and far closer on
+# within about 60 dB SNR on white noise (measured for 8 to 96 kHz input: 59.7-61.8 dB), and far closer on
 # real recordings, whose energy lies below the transition band.
 RESAMPLE_FILTER = dict(resampling_method="sinc_interp_kaiser", lowpass_filter_width=128, rolloff=0.957, beta=24.0)
 
@@ -210,8 +210,11 @@ def _write_wav(path, audio, subtype="PCM_16"):
         raise FileExistsError(f"{path}: exists with different content; remove it to write it again")
     path.parent.mkdir(parents=True, exist_ok=True)
     temporary = path.with_name(f".{path.name}.{os.getpid()}.partial")
-    soundfile.write(str(temporary), frames, SAMPLE_RATE, subtype=subtype, format="WAV")
-    os.replace(temporary, path)
+    try:
+        soundfile.write(str(temporary), frames, SAMPLE_RATE, subtype=subtype, format="WAV")
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)  # only left when the write failed
     return True
 
 
@@ -225,7 +228,7 @@ def render_metadata(metadata_path, out_dir, data_root=None, subtype="FLOAT"):
 
     data_root: the dev set the metadata paths refer to (None: the dev set holding the metadata). Files that
     already hold the same audio are kept. Mixtures rendered before are checked first, so that a file with other
-    content stops the run before anything new is written.
+    content stops the run before new mixtures are written.
     """
     out_dir = Path(out_dir)
     files = metadata_files(metadata_path)

@@ -54,7 +54,7 @@ POSITION_TOLERANCE = 1e-3  # m, a metadata position must lie this close to a sto
 ROOM_MODULE = "src.modules.spatial_audio_synthesizer.room"  # written into metadata for the official loader
 SOURCE_FOLDERS = ("sound_event", "interference", "noise", "room_ir")  # dev-set folders, each split in SPLITS
 SPLITS = ("train", "valid")  # training draws from train; the validation metadata reference valid
-OFFICIAL_PREFIX = "data/dev_set/"  # metadata paths are relative to the official repository root: this prefix
+OFFICIAL_PREFIX = "data/dev_set/"  # the dev set in metadata paths (relative to the official repository root)
 HEAP_KEEP_MEGABYTES = 128  # freed memory glibc keeps for reuse instead of returning it (see keep_heap_memory)
 spectrum_cache_megabytes = 256  # per process; RIR spectra kept so that repeated positions skip the read + FFT
 _SPECTRA = collections.OrderedDict()  # (sofa path, position, fft length, window) -> spectra, least recent first
@@ -728,7 +728,8 @@ def _make_item(mixture, labels, sources, soundscape, modes):
 class GeneratedDataset(torch.utils.data.Dataset):
     """Training mixtures generated on the fly; item i is a pure function of (seed, i).
 
-    spectrum_cache_dir: optional folder where RIR spectra are stored once and shared by all workers and runs
+    data_root: the dev-set folder; split: the folders the scenes draw from ('train'; the demo's validation and
+    test mixtures use 'valid'). spectrum_cache_dir: optional folder where RIR spectra are stored once and shared by all workers and runs
     (8 MB per RIR position for 4 x 174763 taps; see SofaRoom.spectra). It roughly halves the time per mixture.
     """
 
