@@ -39,6 +39,7 @@ from synth import (LABELS, SAMPLE_RATE, SPLITS, DataIndex, GeneratedDataset, Ren
 SPEED_OF_SOUND = 343.0  # m/s
 MIC_POSITIONS = 0.042 * np.array([[1, 1, 1], [1, -1, -1], [-1, 1, -1], [-1, -1, 1]]) / np.sqrt(3)  # m, tetrahedron
 INTERFERENCE_LABELS = ("Hum", "Rain", "Wind")  # demo interference classes (not target classes)
+MIN_RIR_LENGTH = 1100  # taps; the latest early reflection of a demo room ends near tap 1025
 REQUIRED_FOLDERS = (  # the folders the official verify.py requires in the dev set (and metadata/valid.json)
     "config", "interference/train", "interference/valid", "noise/train", "noise/valid", "room_ir/train",
     "room_ir/valid", "sound_event/train", "sound_event/valid", "synthesized/test/soundscape",
@@ -274,6 +275,7 @@ def _write_rooms(folder, count, first_decay, config, rng):
 
 
 def _build_demo(dev_set, config):
+    """Write every part of the demo set into the (new) folder dev_set."""
     rng = np.random.default_rng(config.seed)
     lengths = lambda: rng.uniform(config.event_seconds_min, config.event_seconds_max)  # noqa: E731
     for split, files_per_class, interference_files in (("train", config.files_per_class, 4),
@@ -314,6 +316,8 @@ def make_demo(out="data", config=None):
     OUT/dev_set is an error.
     """
     config = dataclasses.replace(config or DemoConfig(), out=str(out))
+    if config.rir_length < MIN_RIR_LENGTH:
+        raise ValueError(f"--rir_length {config.rir_length}: expected at least {MIN_RIR_LENGTH} taps")
     dev_set = Path(config.out) / "dev_set"
     if dev_set.exists() and not (dev_set.is_dir() and not any(dev_set.iterdir())):
         raise FileExistsError(f"{dev_set}: already exists; remove it, or choose another --out, to build the demo")
@@ -350,9 +354,14 @@ def verify(data):
                     f"noise/{split}: {len(index.noise)} files",
                     f"room_ir/{split}: {len(index.rooms)} rooms, "
                     f"{sum(room.num_positions for room in index.rooms)} positions"]
-        absent = [label for label in LABELS if label not in index.events]
-        if split == "train" and index.folders["sound_event"].is_dir() and absent:
-            problems.append(f"{index.folders['sound_event']}: no files for the classes {', '.join(absent)}")
+        if split == "train":  # what training draws from must not be empty
+            absent = [label for label in LABELS if label not in index.events]
+            if index.folders["sound_event"].is_dir() and absent:
+                problems.append(f"{index.folders['sound_event']}: no files for the classes {', '.join(absent)}")
+            if index.folders["interference"].is_dir() and not index.interference:
+                problems.append(f"{index.folders['interference']}: no interference classes (add-data adds them)")
+            if index.folders["noise"].is_dir() and not index.noise:
+                problems.append(f"{index.folders['noise']}: no background noise files")
     for name in PICKUP_LISTS:
         path = data / "config" / f"{name}_config.json"
         if not path.is_file():

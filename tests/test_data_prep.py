@@ -40,6 +40,17 @@ def test_demo_passes_verify(demo_dev_set):
     assert scene["room"]["args"]["metadata"]["sofa_path"].startswith("data/dev_set/room_ir/valid/")
 
 
+def test_demo_is_written_whole_or_not_at_all(tmp_path, monkeypatch):
+    def fail(*args, **kwargs):
+        raise ValueError("stopped while rendering the test set")
+
+    monkeypatch.setattr(data_prep, "render_metadata", fail)
+    config = data_prep.DemoConfig(files_per_class=3, num_rooms=1, rir_length=1100, num_valid=1, num_test=1)
+    with pytest.raises(ValueError, match="stopped"):
+        data_prep.make_demo(tmp_path, config)
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_verify_lists_every_problem(demo_dev_set, tmp_path):
     data = tmp_path / "copy"  # anywhere: the metadata's data/dev_set/ paths refer to the folder given
     shutil.copytree(demo_dev_set, data)
