@@ -63,6 +63,8 @@ def test_verify_lists_every_problem(demo_dev_set, tmp_path):
     soundfile.write(data / "noise" / "train" / "mono_noise.wav", np.zeros(1000), RATE)
     (data / "room_ir" / "train" / "broken.sofa").write_bytes(b"nonsense")
     shutil.rmtree(data / "synthesized" / "test" / "oracle_target")
+    shutil.rmtree(data / "interference" / "train")
+    (data / "interference" / "train").mkdir()
     (data / "config" / "EARS_config.json").write_text(json.dumps({"Speech": ["p001/a.wav"]}))  # not the official format
     scene_path = sorted((data / "metadata" / "valid").glob("*.json"))[0]
     scene = json.loads(scene_path.read_text())
@@ -74,7 +76,8 @@ def test_verify_lists_every_problem(demo_dev_set, tmp_path):
     for expected in ("rate.wav: sample rate 16000", "stereo.wav: 2 channels, expected 1", "broken.wav: unreadable",
                      "Typing: empty class folder", "mono_noise.wav: 1 channels, expected [4]",
                      "broken.sofa: unreadable SOFA", "Speech/gone.wav: file referenced by the metadata not found",
-                     "no RIR at position", "oracle_target: missing folder", "EARS_config.json: a JSON dict"):
+                     "no RIR at position", "oracle_target: missing folder", "EARS_config.json: a JSON dict",
+                     "interference/train: no interference classes"):
         assert expected in text, expected
     result = subprocess.run([sys.executable, str(SCRIPT), "verify", "--data", str(data)], capture_output=True,
                             text=True, cwd=tmp_path)
