@@ -282,8 +282,8 @@ def _build_demo(dev_set, config):
                                                         ("valid", config.valid_files_per_class, 2)):
         for class_index, label in enumerate(LABELS):
             for number in range(files_per_class):
-                path = dev_set / "sound_event" / split / label / f"take{number % 3}" / f"{label.lower()}_{number:02d}.wav"
-                _write_wav(path, class_signal(class_index, lengths(), rng))
+                name = f"take{number % 3}/{label.lower()}_{number:02d}.wav"  # sub-folders: duplicates avoid them
+                _write_wav(dev_set / "sound_event" / split / label / name, class_signal(class_index, lengths(), rng))
         for label in INTERFERENCE_LABELS:
             for number in range(interference_files):
                 _write_wav(dev_set / "interference" / split / label / f"{label.lower()}_{number:02d}.wav",
@@ -463,7 +463,8 @@ def read_pickup_list(path):
     for number, entry in enumerate(entries):
         if not isinstance(entry, dict) or not all(isinstance(entry.get(key), str) for key in PICKUP_KEYS):
             raise ValueError(f"{path}: entry {number} is {json.dumps(entry)[:80]}, expected {expected}")
-        label, source, target = entry["t4_label"], PurePosixPath(entry["file_name"]), PurePosixPath(entry["convert_path"])
+        label = entry["t4_label"]
+        source, target = PurePosixPath(entry["file_name"]), PurePosixPath(entry["convert_path"])
         if label not in LABELS:
             raise ValueError(f"{path}: entry {number}: t4_label {label!r} is not one of the 18 target classes")
         if target.is_absolute() or ".." in target.parts or len(target.parts) < 3 or target.parts[0] not in SPLITS \

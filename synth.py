@@ -729,8 +729,9 @@ class GeneratedDataset(torch.utils.data.Dataset):
     """Training mixtures generated on the fly; item i is a pure function of (seed, i).
 
     data_root: the dev-set folder; split: the folders the scenes draw from ('train'; the demo's validation and
-    test mixtures use 'valid'). spectrum_cache_dir: optional folder where RIR spectra are stored once and shared by all workers and runs
-    (8 MB per RIR position for 4 x 174763 taps; see SofaRoom.spectra). It roughly halves the time per mixture.
+    test mixtures use 'valid'). spectrum_cache_dir: optional folder where RIR spectra are stored once and shared
+    by all workers and runs (8 MB per RIR position for 4 x 174763 taps; see SofaRoom.spectra). It roughly halves
+    the time per mixture.
     """
 
     def __init__(self, data_root, scene=None, length=1000, seed=0, label_vector_mode="stack",

@@ -175,7 +175,8 @@ def corpora(tmp_path):
         [{"file_name": f"FSD50K.dev_audio/{name}.wav", "t4_label": label, "convert_path": f"{split}/{label}/{name}.wav"}
          for name, label, split in fsd_list]))
     (data / "config" / "EARS_config.json").write_text(json.dumps(
-        [{"file_name": f"{speaker}/{name}.wav", "t4_label": "Speech", "convert_path": f"train/Speech/{speaker}_{name}.wav"}
+        [{"file_name": f"{speaker}/{name}.wav", "t4_label": "Speech",
+          "convert_path": f"train/Speech/{speaker}_{name}.wav"}
          for speaker, name in (("p001", "read"), ("p002", "quiet"))]))
     targets = {bg / "train" / "Rain" / "rain.wav": data / "interference/train/Rain/rain.wav",
                bg / "train" / "Rain" / "faint.wav": data / "interference/train/Rain/faint.wav",
@@ -241,16 +242,18 @@ def test_add_data_input_errors_name_the_input(corpora):
     data, semhear, ears = Path(config.data), Path(config.semhear_path), Path(config.ears_path)
     fsd_list = data / "config" / "FSD50K_config.json"
     entries = json.loads(fsd_list.read_text())
+    write = lambda value: fsd_list.write_text(value if isinstance(value, str) else json.dumps(value))  # noqa: E731
+    gone = dict(entries[0], file_name="gone.wav", convert_path="train/Dishes/gone.wav")
     cases = [
-        (lambda: shutil.rmtree(semhear / "bg_scaper_fmt/val/Zipper (clothing)"), r"Zipper \(clothing\): class folder not found"),
-        (lambda: fsd_list.write_text(json.dumps(entries + [dict(entries[0], file_name="gone.wav", convert_path="train/Dishes/g.wav")])),
-         r"FSD50K/gone.wav: listed in .*FSD50K_config.json but not found"),
-        (lambda: fsd_list.write_text("[{"), r"FSD50K_config.json: not valid JSON"),
-        (lambda: fsd_list.write_text(json.dumps({"Dishes": ["100.wav"]})), r"FSD50K_config.json: a JSON dict, expected a JSON list"),
-        (lambda: fsd_list.write_text(json.dumps([dict(entries[0], t4_label="Dog")])), r"entry 0: t4_label 'Dog'"),
-        (lambda: fsd_list.write_text(json.dumps([dict(entries[0], convert_path="Dishes/100.wav")])), r"entry 0: convert_path"),
-        (lambda: fsd_list.write_text(json.dumps(entries + entries[:1])), r"listed twice"),
-        (lambda: fsd_list.unlink(), r"FSD50K_config.json: cannot read the pick-up list"),
+        (lambda: shutil.rmtree(semhear / "bg_scaper_fmt/val/Zipper (clothing)"),
+         r"Zipper \(clothing\): class folder not found"),
+        (lambda: write(entries + [gone]), r"FSD50K/gone.wav: listed in .*FSD50K_config.json but not found"),
+        (lambda: write("[{"), r"FSD50K_config.json: not valid JSON"),
+        (lambda: write({"Dishes": ["100.wav"]}), r"FSD50K_config.json: a JSON dict, expected a JSON list"),
+        (lambda: write([dict(entries[0], t4_label="Dog")]), r"entry 0: t4_label 'Dog'"),
+        (lambda: write([dict(entries[0], convert_path="Dishes/100.wav")]), r"entry 0: convert_path"),
+        (lambda: write(entries + entries[:1]), r"listed twice"),
+        (fsd_list.unlink, r"FSD50K_config.json: cannot read the pick-up list"),
         (lambda: shutil.rmtree(ears), r"--ears_path .*EARS: folder not found"),
     ]
     saved = fsd_list.read_text()
@@ -304,5 +307,5 @@ def test_command_line_errors_are_one_line_and_change_nothing(demo_dev_set, tmp_p
     # One case end to end in a fresh interpreter: the terminal shows that line and no traceback.
     result = subprocess.run([sys.executable, str(SCRIPT), *cases[2][0]], capture_output=True, text=True, cwd=tmp_path)
     assert result.returncode == 1 and "Traceback" not in result.stderr and result.stdout == ""
-    assert result.stderr.strip() == f"data_prep.py render: {tmp_path / 'absent.json'}: not found (expected valid.json " \
-                                    "or a folder of metadata JSON files)"
+    assert result.stderr.strip() == (f"data_prep.py render: {tmp_path / 'absent.json'}: not found (expected "
+                                     "valid.json or a folder of metadata JSON files)")

@@ -19,7 +19,8 @@ def test_metadata_paths_resolve_against_the_dev_set(tmp_path):
     (dev_set / "sound_event" / "valid" / "Speech" / "a.wav").write_bytes(b"")
     (tmp_path / "datasets" / "extra.wav").write_bytes(b"")
     renderer = synth.Renderer(dev_set)
-    assert renderer.resolve("data/dev_set/sound_event/valid", "Speech/a.wav") == dev_set / "sound_event/valid/Speech/a.wav"
+    found = renderer.resolve("data/dev_set/sound_event/valid", "Speech/a.wav")
+    assert found == dev_set / "sound_event/valid/Speech/a.wav"
     assert renderer.resolve("extra.wav") == tmp_path / "datasets" / "extra.wav"  # repository root = dev_set/../..
     assert renderer.resolve(str(dev_set / "sound_event")) == dev_set / "sound_event"  # absolute: as it is
     with pytest.raises(ValueError) as error:
