@@ -59,7 +59,7 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 CPU_HEAP_KEEP_MEGABYTES = 2047  # freed memory a CPU training process keeps for the next step (synth.keep_heap_memory)
 M2D_WEIGHTS = "checkpoint/m2d_as_vit_base-80x1001p16x16p32k-240413_AS-FT_enconly/weights_ep69it3124-0.47998.pth"
 DATA_HINT = ("Create the small demo set with `python data_prep.py demo` (writes data/dev_set), or check a full "
-             "development set with `python data_prep.py verify --data DIR`.")
+             "development set with `python data_prep.py verify --data DIR` and pass it as --data_root DIR.")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -273,17 +273,28 @@ def setup_distributed(device_name: str) -> tuple[int, int, int, torch.device]:
 
 
 def check_data_root(root: Path, scene: SceneConfig) -> None:
-    """Fail early, with the commands that fix it, when the data root lacks what training reads."""
-    problems = [f"{root / name} is missing" for name in ("sound_event", "noise", "room_ir", "metadata/valid.json")
-                if not (root / name).exists()]
-    if max(scene.interference_range) > 0 and not (root / "interference").is_dir():
-        problems.append(f"{root / 'interference'} is missing (scene.interference_range {scene.interference_range})")
+    """Fail early, with the commands that fix it, when the dev set lacks what training reads: the train folders of
+    the official layout (sound_event/train/<Label>, noise/train, room_ir/train/*.sofa, interference/train) and
+    metadata/valid.json."""
+    needed = ["sound_event/train", "noise/train", "room_ir/train", "metadata/valid.json"]
+    if max(scene.interference_range) > 0:
+        needed.append("interference/train")
+    problems = []
+    for name in needed:
+        if not (root / name).exists():
+            unsplit = name.endswith("/train") and (root / name.split("/")[0]).is_dir()
+            problems.append(f"{root / name} is missing" + (" (the official layout splits each source folder into "
+                                                           "train/ and valid/)" if unsplit else ""))
     if not problems:
-        if not any((root / "room_ir").glob("*.sofa")):
-            problems.append(f"{root / 'room_ir'} holds no .sofa room files")
-        missing = [label for label in LABELS if not (root / "sound_event" / label).is_dir()]
+        if not any((root / "room_ir" / "train").rglob("*.sofa")):
+            problems.append(f"{root / 'room_ir/train'} holds no .sofa room files")
+        missing = [label for label in LABELS if not (root / "sound_event" / "train" / label).is_dir()]
         if missing:
-            problems.append(f"{root / 'sound_event'} lacks the class folders {', '.join(missing)}")
+            problems.append(f"{root / 'sound_event/train'} lacks the class folders {', '.join(missing)}")
+        if max(scene.interference_range) > 0 and not any(path.is_dir() for path in
+                                                         (root / "interference" / "train").iterdir()):
+            problems.append(f"{root / 'interference/train'} holds no class folders (scene.interference_range "
+                            f"{scene.interference_range}; `python data_prep.py add-data` adds them)")
         try:
             entries = json.loads((root / "metadata" / "valid.json").read_text())
             assert isinstance(entries, list) and entries
