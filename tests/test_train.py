@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import train
-from model import load_separator, load_tagger
+from model import SeparatorConfig, TaggerConfig, build_separator, build_tagger, load_separator, load_tagger
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = {
@@ -113,6 +113,45 @@ def test_print_config_shows_each_value_and_its_origin(tmp_path, capsys):
     assert "defaults shown above are the code defaults" in " ".join(train.build_parser().format_help().split())
     with pytest.raises(ValueError, match="unknown loss 'nope'"):
         train.compute_loss(None, {"mixture": torch.zeros(1, 4, 10)}, "nope")
+
+
+@pytest.mark.parametrize("kind", ["tagger", "separator"])
+def test_official_optimizer_state_maps_by_parameter_name(kind, tmp_path):
+    """A Lightning checkpoint's optimizer lists the official module's parameters in its own order: the ViT's
+    norm_stats after the blocks, the separator's STFT kernels (which ours lacks) at the front."""
+    if kind == "tagger":  # every parameter trains, so a shifted position would move a real state
+        model = build_tagger(TaggerConfig(embed_dim=32, depth=2, num_heads=2, track_input_dim=16,
+                                          track_hidden_dim=16, finetuning="all"))
+    else:
+        model = build_separator(SeparatorConfig(base_channels=2, condition_dim=16))
+    parameters = dict(model.named_parameters())
+    order = [name for name in parameters if name != "backbone.norm_stats"]
+    if kind == "tagger":
+        order.insert(order.index("backbone.norm.bias") + 1, "backbone.norm_stats")
+        official = {f"model.{name}": parameters[name] for name in order} | {"model.to_spec.stft.wsin": torch.ones(3)}
+    else:
+        kernels = {"base.stft.conv_real.weight": torch.nn.Parameter(torch.ones(5, 1, 8), requires_grad=False),
+                   "base.stft.conv_imag.weight": torch.nn.Parameter(torch.ones(5, 1, 8), requires_grad=False)}
+        parameters = kernels | parameters
+        order = list(kernels) + order
+        official = {f"model.{name}": parameters[name] for name in order}
+    optimizer = torch.optim.AdamW([parameters[name] for name in order], lr=1e-3, amsgrad=True)
+    for name in order:
+        if parameters[name].requires_grad:
+            parameters[name].grad = torch.randn_like(parameters[name])
+    optimizer.step()
+    torch.save({"state_dict": {key: value.detach() for key, value in official.items()},
+                "optimizer_states": [optimizer.state_dict()]}, tmp_path / "official.ckpt")
+    _, weights, saved, names = train.read_initial_checkpoint(str(tmp_path / "official.ckpt"), kind, model)
+    mapped = train.map_optimizer_state(saved, names, model, "official.ckpt")
+    ours = list(dict(model.named_parameters()))
+    assert len(mapped["state"]) == sum(parameter.requires_grad for parameter in model.parameters())
+    for index, state in mapped["state"].items():
+        expected = optimizer.state[parameters[ours[index]]]
+        assert torch.equal(state["exp_avg"], expected["exp_avg"]), ours[index]
+    fresh = torch.optim.AdamW(model.parameters(), lr=1e-5, amsgrad=True, fused=True)
+    train.load_optimizer_state(fresh, mapped)
+    assert fresh.param_groups[0]["fused"] and fresh.param_groups[0]["lr"] == 1e-5  # the group stays ours
 
 
 def folder_state(folder: Path) -> dict:
