@@ -40,8 +40,8 @@ import difflib
 import json
 import math
 import os
-import random
 import pickle
+import random
 import resource
 import signal
 import subprocess
@@ -286,13 +286,14 @@ def resolve_config(argv=None) -> tuple[argparse.Namespace, TrainConfig, object, 
         scene = SceneConfig(**values["scene"])
     except (TypeError, ValueError) as error:
         raise SystemExit(f"invalid configuration: {error}")
-    check_train_config(train, model)
     if cli.print_config:
         print(f"task {task}, preset {preset_name}: the values of this run (defaults < preset < --config < flags)")
         for section in ("train", model_section, "scene"):
             for key, value in values[section].items():
                 name = key if section == "train" else f"{section}.{key}"
                 print(f"  {format_flag(name, value):<56} {origins[section][key]}")
+    check_train_config(train, model)
+    if cli.print_config:
         raise SystemExit(0)
     return cli, train, model, scene, preset_name
 
@@ -714,7 +715,10 @@ def setup_model(cli, config: TrainConfig, model_config, device: torch.device, wo
     checkpoint, optimizer_state = None, None
     if cli.resume:
         last_path = Path(config.out_dir) / "last.pt"
-        checkpoint = torch.load(last_path, map_location="cpu", weights_only=False)
+        try:
+            checkpoint = torch.load(last_path, map_location="cpu", weights_only=False)
+        except (pickle.UnpicklingError, RuntimeError, EOFError, OSError) as error:
+            raise SystemExit(f"--resume {last_path}: cannot read it ({type(error).__name__}: {error})")
         difference = config_differences(checkpoint["model_config"], model_config, kind)
         if difference:
             raise SystemExit(f"--resume {last_path}: {difference}")
@@ -740,7 +744,7 @@ def setup_model(cli, config: TrainConfig, model_config, device: torch.device, wo
     model.to(device)
     if world_size > 1 and device.type == "cuda":
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)  # official sync_batchnorm True
-    # One group over all parameters, frozen ones included, as the official: saved states then map by position.
+    # One group over all parameters, frozen ones included, as the official: a saved state maps onto it one to one.
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, betas=(0.9, 0.999), eps=1e-8,
                                   weight_decay=config.weight_decay, amsgrad=True, fused=True)
     scaler = torch.amp.GradScaler(device.type, enabled=config.dtype == "fp16")
@@ -942,8 +946,8 @@ def train(cli, config: TrainConfig, model_config, scene: SceneConfig, preset: st
     config, model, optimizer, scaler, step, best_loss, unused = setup_model(cli, config, model_config, device,
                                                                              world_size, say)
     train_model = torch.compile(model) if config.compile else model
-    if world_size > 1:
-        synced = device.type == "cuda"  # SyncBatchNorm keeps the BatchNorm buffers equal on all ranks
+    synced = world_size > 1 and device.type == "cuda"  # SyncBatchNorm: BatchNorm statistics over all ranks
+    if world_size > 1:  # under SyncBatchNorm the buffers are equal on all ranks: no broadcast before each forward
         train_model = DistributedDataParallel(train_model, device_ids=[local_rank] if synced else None,
                                               gradient_as_bucket_view=True, broadcast_buffers=not synced)
     trainable = [parameter for parameter in model.parameters() if parameter.requires_grad]
@@ -982,13 +986,11 @@ def train(cli, config: TrainConfig, model_config, scene: SceneConfig, preset: st
     say(f"global batch {config.global_batch} = batch {config.batch_size} x world size {world_size} x "
         f"accumulation {accumulation} | steps {step} -> {config.max_steps} | {valid_count} validation mixtures | "
         f"out_dir {out_dir}")
-    synced = world_size > 1 and device.type == "cuda"
-    norm_batch = config.batch_size * (world_size if synced else 1)
+    norm_batch = config.batch_size * (world_size if synced else 1)  # mixtures one BatchNorm layer sees at once
     if norm_batch < config.global_batch:
-        say(f"warning: BatchNorm normalises over {norm_batch} mixtures ({'SyncBatchNorm over ' if synced else ''}"
-            f"{'the ' + str(world_size) + ' ranks' if synced else 'one device'}), not over the global batch of "
-            f"{config.global_batch} as the official runs did (SyncBatchNorm, no accumulation); see the README, "
-            "'BatchNorm under accumulation'")
+        say(f"warning: BatchNorm normalises over {norm_batch} mixtures ({'all ranks' if synced else 'per device'}), "
+            f"not over the global batch of {config.global_batch} as in the official runs (SyncBatchNorm over 4 "
+            "GPUs, no accumulation); see 'BatchNorm under accumulation' in the README")
     if unused:
         say(f"{len(unused)} parameter tensors never get a gradient and are frozen (no find_unused_parameters): "
             f"{', '.join(unused[:4])}{', ...' if len(unused) > 4 else ''}")
