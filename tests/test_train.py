@@ -269,11 +269,12 @@ def test_torchrun_group_sigterm_then_resume_matches_an_uninterrupted_run(demo_de
         time.sleep(0.05)
     ranks = workers_of(launcher.pid)
     assert len(ranks) == 2
+    signalled = time.monotonic()
     for group in (launcher.pid, *ranks):
         os.killpg(group, signal.SIGTERM)
     output = launcher.communicate(timeout=120)[0]
+    assert time.monotonic() - signalled < 30, output  # torchrun kills its workers 30 s after forwarding a signal
     assert "SIGTERM: stopping after this step" in output and "stopped by SIGTERM at step" in output, output
-    assert "exitcode  : -9" not in output  # no rank had to be killed after torchrun's 30 s
     step = load(stopped / "last.pt")["step"]
     assert 1 <= step < 6
 
