@@ -37,6 +37,7 @@ Differences from the official Lightning recipe, on purpose (the README lists all
 import argparse
 import dataclasses
 import difflib
+import gc
 import json
 import math
 import os
@@ -287,6 +288,8 @@ def resolve_config(argv=None) -> tuple[argparse.Namespace, TrainConfig, object, 
     except (TypeError, ValueError) as error:
         raise SystemExit(f"invalid configuration: {error}")
     if cli.print_config:
+        if train.init_optimizer and origins["train"]["lr"] != "flags":
+            origins["train"]["lr"] += ", replaced by the lr saved in --init_from (--init_optimizer)"
         print(f"task {task}, preset {preset_name}: the values of this run (defaults < preset < --config < flags)")
         for section in ("train", model_section, "scene"):
             for key, value in values[section].items():
@@ -909,6 +912,9 @@ def main(argv=None) -> None:
         for signum, handler in handlers.items():  # train() installs its own; a caller gets its handlers back
             signal.signal(signum, handler)
         if world_size > 1:
+            # DDP sits in reference cycles: free it (and the gloo work it holds) now, not during interpreter
+            # shutdown, where releasing that work can abort the process.
+            gc.collect()
             dist.destroy_process_group()
 
 

@@ -173,7 +173,8 @@ def test_checkpoint_and_folder_mistakes_give_one_line_and_change_nothing(demo_de
     (other / "config.json").write_text(json.dumps(record))
     before = folder_state(tmp_path)
     cases = [
-        (["--resume", "--separator.base_channels", "4"], run, ["separator.base_channels 2", "--separator.base_channels"]),
+        (["--resume", "--separator.base_channels", "4"], run,
+         ["separator.base_channels 2", "remove --separator.base_channels"]),
         (["--init_from", str(run / "last.pt"), "--separator.base_channels", "4"], tmp_path / "new",
          [f"--init_from {run / 'last.pt'}: checkpoint has separator.base_channels 2, this run 4"]),
         (["--init_from", str(run / "best.pt"), "--init_optimizer"], tmp_path / "new",
