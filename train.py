@@ -1015,7 +1015,7 @@ def train(cli, config: TrainConfig, model_config, scene: SceneConfig, preset: st
                  "torch_version": torch.__version__, "world_size": world_size}
         if full:
             state |= {"optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "rng": rng_states(),
-                      "parameter_names": [name for name, _ in model.named_parameters()]}  # optimizer order
+                      "parameter_names": [name for name, _ in model.named_parameters()]}  # in the optimizer's order
         save_checkpoint(path, state)
 
     log({"event": "start", "task": config.task, "preset": preset, "step": step, "world_size": world_size,
