@@ -97,6 +97,8 @@ class EvaluateConfig:
                                                   "choices": ("auto", "cpu", "cuda")})
     bf16: bool = field(default=False, metadata={"help": "bfloat16 autocast for the networks (fast on CUDA; the "
                                                         "STFTs and metrics stay float32)"})
+    tf32: bool = field(default=False, metadata={"help": "TF32 matmuls on Ampere+ GPUs (off: torch's default, as "
+                                                        "in train.py; cuDNN convolutions use TF32 either way)"})
     batch_size: int = field(default=2, metadata={"help": "soundscapes per forward pass"})
     num_workers: int = field(default=2, metadata={"help": "DataLoader processes reading soundscapes ahead"})
     submission: bool = field(default=False, metadata={"help": "build OUT/<author>_<affiliation>_task4_<number>"
@@ -478,6 +480,7 @@ def load_system(config: EvaluateConfig, device: torch.device) -> tuple[S5, int, 
         raise InputError(f"{config.separator}: the separator reads {separator.config.input_channels} channels, "
                          f"expected {MIXTURE_CHANNELS} (the soundscapes' microphones)")
     system = S5(tagger, separator).to(device).eval()
+    torch.set_float32_matmul_precision("high" if config.tf32 else "highest")  # 'highest' is torch's default
     models = {"tagger": config.tagger, "tagger_config": dataclasses.asdict(tagger.config),
               "separator": config.separator, "separator_config": dataclasses.asdict(separator.config)}
     return system, count_parameters(system), models

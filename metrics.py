@@ -246,12 +246,19 @@ class MetricAccumulator:
 # ----------------------------------------------------------------------------------------------------------
 # Training losses (all float64, differentiable)
 # ----------------------------------------------------------------------------------------------------------
+_PERMUTATIONS = {}  # (slots, device) -> every permutation [P, S]; built once per device, never copied again
+
+
 def _best_permutation(cost: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Exhaustive assignment search. cost [B, S, S] (rows = target slot, columns = prediction slot) ->
     (mean assigned cost of the best permutation [B], permutation [B, S] with permutation[b, i] = prediction slot
-    matched to target slot i). Ties go to the first permutation in itertools order."""
+    matched to target slot i). Ties go to the first permutation in itertools order. No host-device
+    synchronisation: the permutation table is cached per device (a copy from host lists would wait for the GPU)."""
     slots = cost.shape[-1]
-    permutations = torch.tensor(list(itertools.permutations(range(slots))), device=cost.device)  # (P, S)
+    key = (slots, cost.device)
+    if key not in _PERMUTATIONS:
+        _PERMUTATIONS[key] = torch.tensor(list(itertools.permutations(range(slots))), device=cost.device)
+    permutations = _PERMUTATIONS[key]  # (P, S)
     rows = torch.arange(slots, device=cost.device)
     scores = cost[:, rows[None, :], permutations].mean(-1)  # (B, P)
     best = scores.argmin(-1)  # argmin returns the first minimum
