@@ -1,56 +1,96 @@
 """Data tooling: a procedural demo dev set, a layout/format checker, the official add-data step and rendering
-of SpAudSyn metadata to WAV files.
+of SpAudSyn metadata to WAV files. Every command takes the dev-set folder, which may live anywhere.
 
     python data_prep.py demo [--out data]                    # writes data/dev_set (seconds)
     python data_prep.py demo --out bench --rir_length 174763 --event_seconds_max 10   # dev-set-like rooms
     python data_prep.py verify [--data data/dev_set]         # lists every problem, exit 1 if any
     python data_prep.py add-data --semhear_path P --ears_path P [--data data/dev_set]
-    python data_prep.py render --metadata data/dev_set/metadata/valid.json --out DIR [--data_root .]
+    python data_prep.py render --metadata data/dev_set/metadata/valid.json --out DIR [--data_root DIR]
+
+The layout is the official one (what the official verify.py requires, REQUIRED_FOLDERS): every source folder
+is split into train/ and valid/ (sound_event/<split>/<Label>/**.wav, interference/<split>/<class>/**.wav,
+noise/<split>/**.wav, room_ir/<split>/*.sofa), plus config/{FSD50K,EARS}_config.json (add-data pick-up
+lists), metadata/valid.json with metadata/valid/*.json, and synthesized/test/{soundscape,oracle_target}.
+Paths inside metadata are relative to the official repository root ('data/dev_set/...'); they are resolved
+against the dev-set folder given (see synth.Renderer), never against the current directory.
 """
-import argparse
+import collections
 import dataclasses
 import json
 import math
+import os
+import shutil
 import sys
 import time
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import h5py
 import numpy as np
 import scipy.signal
 import soundfile
+import torch
+import torchaudio
 
-from cli import add_config_flags, config_from_args
-from synth import LABELS, SAMPLE_RATE, DataIndex, GeneratedDataset, Renderer, SceneConfig, metadata_files, parse_source_name
+from cli import StrictParser, add_config_flags, config_from_args
+from synth import (LABELS, SAMPLE_RATE, SPLITS, DataIndex, GeneratedDataset, Renderer, SceneConfig, find_dev_set,
+                   metadata_files, parse_source_name)
 
 SPEED_OF_SOUND = 343.0  # m/s
 MIC_POSITIONS = 0.042 * np.array([[1, 1, 1], [1, -1, -1], [-1, 1, -1], [-1, -1, 1]]) / np.sqrt(3)  # m, tetrahedron
 INTERFERENCE_LABELS = ("Hum", "Rain", "Wind")  # demo interference classes (not target classes)
+MIN_RIR_LENGTH = 1100  # taps; the latest early reflection of a demo room ends near tap 1025
+REQUIRED_FOLDERS = (  # the folders the official verify.py requires in the dev set (and metadata/valid.json)
+    "config", "interference/train", "interference/valid", "noise/train", "noise/valid", "room_ir/train",
+    "room_ir/valid", "sound_event/train", "sound_event/valid", "synthesized/test/soundscape",
+    "synthesized/test/oracle_target", "metadata/valid",
+)
+PICKUP_LISTS = ("FSD50K", "EARS")  # config/<name>_config.json: the sound events add-data takes from each corpus
+PICKUP_KEYS = ("file_name", "t4_label", "convert_path")  # the keys of every pick-up list entry
+SEMHEAR_SPLITS = (("train", "train"), ("val", "valid"))  # bg_scaper_fmt split -> interference split
+INTERFERENCE_CLASSES = (  # the bg_scaper_fmt classes the official add_data.sh takes as interference (95)
+    "Air conditioning", "Aircraft", "Bird flight, flapping wings", "Bleat", "Boiling", "Boom", "Burping, eructation",
+    "Burst, pop", "Bus", "Camera", "Car passing by", "Cattle, bovinae", "Chainsaw", "Chewing, mastication",
+    "Chink, clink", "Clip-clop", "Cluck", "Clunk", "Coin (dropping)", "Crack", "Crackle", "Creak", "Croak", "Crow",
+    "Crumpling, crinkling", "Crushing", "Drill", "Drip", "Electric toothbrush", "Engine", "Fart", "Finger snapping",
+    "Fire", "Fire alarm", "Firecracker", "Fireworks", "Fixed-wing aircraft, airplane", "Frog", "Gears", "Growling",
+    "Gurgling", "Helicopter", "Hiss", "Hoot", "Howl", "Howl (wind)", "Jackhammer", "Keys jangling", "Lawn mower",
+    "Light engine (high frequency)", "Microwave oven", "Moo", "Oink", "Packing tape, duct tape", "Pig", "Printer",
+    "Purr", "Rain", "Rain on surface", "Raindrop", "Ratchet, pawl", "Rattle", "Sanding", "Sawing", "Scissors",
+    "Screech", "Sheep", "Ship", "Shuffling cards", "Skateboard", "Slam", "Sliding door", "Sneeze", "Sniff",
+    "Snoring", "Splinter", "Squeak", "Stream", "Subway, metro, underground", "Tap", "Tearing", "Thump, thud", "Tick",
+    "Tick-tock", "Toothbrush", "Traffic noise, roadway noise", "Train", "Train horn",
+    "Velcro, hook and loop fastener", "Waterfall", "Whoosh, swoosh, swish", "Wind", "Writing", "Zipper (clothing)",
+)
+# The official step resamples with librosa's default (soxr "HQ"). This windowed-sinc filter matches that output
+# within about 60 dB SNR on white noise (measured for 8 to 96 kHz input: 59.7-61.8 dB), and far closer on
+# real recordings, whose energy lies below the transition band.
+RESAMPLE_FILTER = dict(resampling_method="sinc_interp_kaiser", lowpass_filter_width=128, rolloff=0.957, beta=24.0)
 
 
 @dataclasses.dataclass
 class DemoConfig:
     out: str = "data"  # the dev set is written to OUT/dev_set
-    files_per_class: int = 6  # per target class, spread over 3 sub-folders
+    files_per_class: int = 6  # per target class in sound_event/train, spread over 3 sub-folders
+    valid_files_per_class: int = 3  # per target class in sound_event/valid (3 sub-folders: duplicates need them)
     event_seconds_min: float = 1.0  # s, shortest demo event file
     event_seconds_max: float = 4.0  # s, longest demo event file (10+ s files give random excerpts)
-    num_rooms: int = 3  # SOFA rooms
+    num_rooms: int = 3  # SOFA rooms in room_ir/train
+    num_valid_rooms: int = 1  # SOFA rooms in room_ir/valid
     rir_length: int = 4096  # taps per RIR (the real dev set has 174763)
-    num_valid: int = 16  # metadata/valid mixtures
-    num_test: int = 24  # synthesized/test mixtures
+    num_valid: int = 16  # metadata/valid mixtures (drawn from the valid folders)
+    num_test: int = 24  # synthesized/test mixtures (drawn from the valid folders)
     seed: int = 0  # everything in the demo is a function of this seed
 
 
 @dataclasses.dataclass
 class AddDataConfig:
-    semhear_path: str = ""  # folder of the SemHear data (holds FSD50K/ and bg_scaper_fmt/)
-    ears_path: str = ""  # folder of the EARS speech corpus
-    data: str = "data/dev_set"  # dev set to add to (reads DATA/config/*_config.json)
-    target_sr: int = 32000  # Hz, output rate
-    amp_threshold: float = 0.02  # fraction of the file's peak below which leading/trailing frames are cut
-    min_length: float = 0.1  # s, shorter results are dropped
-    segment: float = 10.0  # s, longer recordings are cut into pieces of at most this length
-    shift: float = 0.1  # s, frame length of the amplitude-threshold detector
+    semhear_path: str = ""  # Semantic Hearing data folder (BinauralCuratedDataset: holds bg_scaper_fmt/ and FSD50K/)
+    ears_path: str = ""  # EARS speech corpus folder (holds p001/ ... p107/)
+    data: str = "data/dev_set"  # dev set to add to; its config/{FSD50K,EARS}_config.json list the sound events
+    amp_threshold: float = 0.02  # absolute peak below which a recording, or any of its windows, drops it
+    min_length: float = 0.1  # s, shorter recordings (also after removing exact zeros at both ends) are dropped
+    segment: float = 10.0  # s, length of the windows checked for silence (recordings are kept whole, never cut)
+    shift: float = 0.1  # s, step between those windows
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -143,21 +183,38 @@ def write_sofa(path, responses, spherical_positions, sample_rate=SAMPLE_RATE):
         receiver.attrs.update({"Type": b"cartesian", "Units": b"metre"})
 
 
+def _same_audio(path, frames, subtype):
+    """True when the WAV at path holds frames [n, C] at SAMPLE_RATE within one 16-bit step."""
+    try:
+        existing, rate = soundfile.read(str(path), dtype="float32", always_2d=True)
+    except Exception:  # soundfile raises several types for broken files: then it is not the same audio
+        return False
+    if subtype == "PCM_16":  # what 16-bit PCM can hold: libsndfile clips at full scale
+        frames = np.clip(frames, -1.0, 32767 / 32768)
+    return rate == SAMPLE_RATE and existing.shape == frames.shape and np.allclose(existing, frames, rtol=0,
+                                                                                  atol=1.01 / 32768)
+
+
 def _write_wav(path, audio, subtype="PCM_16"):
-    """Write [C, n] or [n] audio; an existing file with other content is an error, never overwritten."""
+    """Write [C, n] or [n] audio at SAMPLE_RATE; returns False when the file already holds it.
+
+    An existing file with other content is an error, never overwritten. The file is written under a temporary
+    name and renamed, so an interrupted run leaves no partial file behind.
+    """
     path = Path(path)
-    audio = np.asarray(audio)
+    frames = np.asarray(audio, dtype=np.float32)
+    frames = frames.T if frames.ndim == 2 else frames[:, None]  # (n, C)
     if path.exists():
-        try:
-            existing, rate = soundfile.read(str(path), dtype="float32", always_2d=True)
-        except Exception:
-            existing, rate = None, None
-        written = audio.T if audio.ndim == 2 else audio[:, None]
-        if rate == SAMPLE_RATE and existing.shape == written.shape and np.allclose(existing, written, atol=1e-4):
+        if _same_audio(path, frames, subtype):
             return False
-        raise FileExistsError(f"{path}: exists with different content; remove it to regenerate")
+        raise FileExistsError(f"{path}: exists with different content; remove it to write it again")
     path.parent.mkdir(parents=True, exist_ok=True)
-    soundfile.write(str(path), audio.T if audio.ndim == 2 else audio, SAMPLE_RATE, subtype=subtype)
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.partial")
+    try:
+        soundfile.write(str(temporary), frames, SAMPLE_RATE, subtype=subtype, format="WAV")
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)  # only left when the write failed
     return True
 
 
@@ -165,11 +222,18 @@ def _write_wav(path, audio, subtype="PCM_16"):
 # Rendering metadata to files
 
 
-def render_metadata(metadata_path, out_dir, data_root=".", subtype="FLOAT"):
-    """Render every mixture of valid.json (or a folder of JSONs) to OUT/soundscape and OUT/oracle_target."""
+def render_metadata(metadata_path, out_dir, data_root=None, subtype="FLOAT"):
+    """Render every mixture of valid.json (or a folder of JSONs) to OUT/soundscape/<name>.wav and
+    OUT/oracle_target/<name>_<slot>_<label>.wav; returns the number of mixtures.
+
+    data_root: the dev set the metadata paths refer to (None: the dev set holding the metadata). Files that
+    already hold the same audio are kept. Mixtures rendered before are checked first, so that a file with other
+    content stops the run before new mixtures are written.
+    """
     out_dir = Path(out_dir)
     files = metadata_files(metadata_path)
-    renderer = Renderer([data_root, *Path(metadata_path).resolve().parents])
+    renderer = Renderer(data_root if data_root is not None else find_dev_set(metadata_path))
+    files.sort(key=lambda file: not (out_dir / "soundscape" / f"{file.stem}.wav").exists())  # stable
     for file in files:
         try:
             rendered = renderer.render(json.loads(file.read_text()))
@@ -181,57 +245,87 @@ def render_metadata(metadata_path, out_dir, data_root=".", subtype="FLOAT"):
     return len(files)
 
 
-def _save_scenes(dataset, count, first_index, folder, dev_set):
-    """Write count generated scenes as metadata JSONs with 'OUT_NAME/dev_set/...' paths (official style)."""
+# ----------------------------------------------------------------------------------------------------------
+# Demo dev set
+
+
+def _save_scenes(dataset, count, folder):
+    """Write count generated scenes as metadata JSONs soundscape_0000.json, ...; returns their names."""
     folder.mkdir(parents=True, exist_ok=True)
     names = []
     for number in range(count):
-        text = json.dumps(dataset.scene(first_index + number), indent=1)
-        text = text.replace(json.dumps(dev_set.as_posix())[1:-1], f"{dev_set.resolve().parent.name}/dev_set")
         name = "soundscape_%04d" % number
-        (folder / f"{name}.json").write_text(text)
+        (folder / f"{name}.json").write_text(json.dumps(dataset.scene(number), indent=1))
         names.append(name)
     return names
 
 
-def make_demo(out="data", config=None):
-    """Write the procedural demo dev set to OUT/dev_set and return its path. Deterministic from config.seed."""
-    config = dataclasses.replace(config or DemoConfig(), out=str(out))
-    dev_set = Path(config.out) / "dev_set"
-    if (dev_set / "sound_event").exists():
-        raise FileExistsError(f"{dev_set}: already exists; remove it to rebuild the demo")
-    rng = np.random.default_rng(config.seed)
-    lengths = lambda: rng.uniform(config.event_seconds_min, config.event_seconds_max)
-    for class_index, label in enumerate(LABELS):
-        for number in range(config.files_per_class):
-            path = dev_set / "sound_event" / label / f"take{number % 3}" / f"{label.lower()}_{number:02d}.wav"
-            _write_wav(path, class_signal(class_index, lengths(), rng))
-    for label in INTERFERENCE_LABELS:
-        for number in range(4):
-            _write_wav(dev_set / "interference" / label / f"{label.lower()}_{number:02d}.wav",
-                       interference_signal(label, lengths(), rng))
-    for number, seconds in enumerate((12.0, 15.5, 7.0)):  # the 7 s file is tiled, the others give excerpts
-        common = rng.standard_normal(int(seconds * SAMPLE_RATE))
-        noise = scipy.signal.lfilter([1.0], [1.0, -0.98], common + rng.standard_normal((4, len(common))), axis=-1)
-        _write_wav(dev_set / "noise" / f"noise_{number:02d}.wav", 0.3 * noise / np.max(np.abs(noise)))
-    (dev_set / "room_ir").mkdir(parents=True, exist_ok=True)
-    for number in range(config.num_rooms):
+def _write_rooms(folder, count, first_decay, config, rng):
+    """count SOFA rooms of 48 positions (radius 0.75 / 1.5 m, elevation 0 / 20 degrees, every 30 degrees)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for number in range(count):
         spherical = np.array([[azimuth, elevation, radius] for radius in (0.75, 1.5) for elevation in (0.0, 20.0)
                               for azimuth in range(0, 360, 30)], dtype=np.float64)
         azimuth, elevation = np.deg2rad(spherical[:, 0]), np.deg2rad(spherical[:, 1])
         cartesian = spherical[:, 2:] * np.stack([np.cos(azimuth) * np.cos(elevation),
                                                  np.sin(azimuth) * np.cos(elevation), np.sin(elevation)], axis=1)
-        responses = room_responses(cartesian, config.rir_length, 0.25 + 0.2 * number, rng)
-        write_sofa(dev_set / "room_ir" / f"room_{number:02d}.sofa", responses, spherical)
-    validation = GeneratedDataset(dev_set, SceneConfig(), length=config.num_valid, seed=config.seed + 1)
-    names = _save_scenes(validation, config.num_valid, 0, dev_set / "metadata" / "valid", dev_set)
+        responses = room_responses(cartesian, config.rir_length, first_decay + 0.2 * number, rng)
+        write_sofa(folder / f"room_{number:02d}.sofa", responses, spherical)
+
+
+def _build_demo(dev_set, config):
+    """Write every part of the demo set into the (new) folder dev_set."""
+    rng = np.random.default_rng(config.seed)
+    lengths = lambda: rng.uniform(config.event_seconds_min, config.event_seconds_max)  # noqa: E731
+    for split, files_per_class, interference_files in (("train", config.files_per_class, 4),
+                                                        ("valid", config.valid_files_per_class, 2)):
+        for class_index, label in enumerate(LABELS):
+            for number in range(files_per_class):
+                name = f"take{number % 3}/{label.lower()}_{number:02d}.wav"  # sub-folders: duplicates avoid them
+                _write_wav(dev_set / "sound_event" / split / label / name, class_signal(class_index, lengths(), rng))
+        for label in INTERFERENCE_LABELS:
+            for number in range(interference_files):
+                _write_wav(dev_set / "interference" / split / label / f"{label.lower()}_{number:02d}.wav",
+                           interference_signal(label, lengths(), rng))
+    for split, durations in (("train", (12.0, 15.5, 7.0)), ("valid", (13.0, 6.0))):  # short files are tiled
+        for number, seconds in enumerate(durations):
+            common = rng.standard_normal(int(seconds * SAMPLE_RATE))
+            noise = scipy.signal.lfilter([1.0], [1.0, -0.98], common + rng.standard_normal((4, len(common))), axis=-1)
+            _write_wav(dev_set / "noise" / split / f"noise_{number:02d}.wav", 0.3 * noise / np.max(np.abs(noise)))
+    _write_rooms(dev_set / "room_ir" / "train", config.num_rooms, 0.25, config, rng)
+    _write_rooms(dev_set / "room_ir" / "valid", config.num_valid_rooms, 0.35, config, rng)
+    (dev_set / "config").mkdir()
+    for name in PICKUP_LISTS:  # official format; empty because the demo's sound events are procedural
+        (dev_set / "config" / f"{name}_config.json").write_text("[]\n")
+    validation = GeneratedDataset(dev_set, SceneConfig(), length=config.num_valid, seed=config.seed + 1,
+                                  split="valid")
+    names = _save_scenes(validation, config.num_valid, dev_set / "metadata" / "valid")
     (dev_set / "metadata" / "valid.json").write_text(json.dumps(
         [{"metadata_path": f"valid/{name}.json"} for name in names], indent=1))
-    test_metadata = dev_set / "synthesized" / "test" / "metadata"
-    _save_scenes(GeneratedDataset(dev_set, SceneConfig(), length=config.num_test, seed=config.seed + 2),
-                 config.num_test, 0, test_metadata, dev_set)
-    render_metadata(test_metadata, dev_set / "synthesized" / "test", data_root=dev_set.resolve().parent.parent,
-                    subtype="PCM_16")  # 16-bit like the official test set, half the size
+    test = dev_set / "synthesized" / "test"
+    _save_scenes(GeneratedDataset(dev_set, SceneConfig(), length=config.num_test, seed=config.seed + 2,
+                                  split="valid"), config.num_test, test / "metadata")
+    render_metadata(test / "metadata", test, data_root=dev_set, subtype="PCM_16")  # 16-bit like the official
+
+
+def make_demo(out="data", config=None):
+    """Write the procedural demo dev set to OUT/dev_set and return its path. Deterministic from config.seed.
+
+    The set is built in a temporary folder next to it and renamed when complete; an existing non-empty
+    OUT/dev_set is an error.
+    """
+    config = dataclasses.replace(config or DemoConfig(), out=str(out))
+    if config.rir_length < MIN_RIR_LENGTH:
+        raise ValueError(f"--rir_length {config.rir_length}: expected at least {MIN_RIR_LENGTH} taps")
+    dev_set = Path(config.out) / "dev_set"
+    if dev_set.exists() and not (dev_set.is_dir() and not any(dev_set.iterdir())):
+        raise FileExistsError(f"{dev_set}: already exists; remove it, or choose another --out, to build the demo")
+    building = dev_set.with_name(f".dev_set.{os.getpid()}.partial")
+    try:
+        _build_demo(building, config)
+        os.replace(building, dev_set)
+    finally:
+        shutil.rmtree(building, ignore_errors=True)
     return dev_set
 
 
@@ -240,26 +334,50 @@ def make_demo(out="data", config=None):
 
 
 def verify(data):
-    """Check a dev set; returns (summary lines, problems)."""
+    """Check a dev set: the official folders, every file's format, the pick-up lists, every metadata reference and
+    the test set. Returns (summary lines, problems)."""
     data = Path(data)
-    index = DataIndex(data, strict=False)
-    problems = list(index.problems)
-    summary = [f"sound_event: {len(index.labels)} classes, {sum(len(f) for f in index.events.values())} files",
-               f"interference: {len(index.interference_labels)} classes, "
-               f"{sum(len(f) for f in index.interference.values())} files",
-               f"noise: {len(index.noise)} files",
-               f"room_ir: {len(index.rooms)} rooms, {sum(room.num_positions for room in index.rooms)} positions"]
-    missing = [label for label in LABELS if label not in index.events]
-    if missing and index.events:
-        problems.append(f"{index.folders['sound_event']}: no folder for classes {', '.join(missing)}")
+    if not data.is_dir():
+        return [], [f"{data}: not a folder (expected the dev set, e.g. data/dev_set)"]
+    missing = [data / name for name in REQUIRED_FOLDERS if not (data / name).is_dir()]
+    problems = [f"{folder}: missing folder" for folder in missing]
+    summary = []
+    for split in SPLITS:
+        index = DataIndex(data, split, strict=False)
+        problems += [problem for problem in index.problems
+                     if not any(problem.startswith(f"{folder}: ") for folder in missing)]
+        summary += [f"sound_event/{split}: {len(index.labels)} classes, "
+                    f"{sum(len(files) for files in index.events.values())} files",
+                    f"interference/{split}: {len(index.interference_labels)} classes, "
+                    f"{sum(len(files) for files in index.interference.values())} files",
+                    f"noise/{split}: {len(index.noise)} files",
+                    f"room_ir/{split}: {len(index.rooms)} rooms, "
+                    f"{sum(room.num_positions for room in index.rooms)} positions"]
+        if split == "train":  # what training draws from must not be empty
+            absent = [label for label in LABELS if label not in index.events]
+            if index.folders["sound_event"].is_dir() and absent:
+                problems.append(f"{index.folders['sound_event']}: no files for the classes {', '.join(absent)}")
+            if index.folders["interference"].is_dir() and not index.interference:
+                problems.append(f"{index.folders['interference']}: no interference classes (add-data adds them)")
+            if index.folders["noise"].is_dir() and not index.noise:
+                problems.append(f"{index.folders['noise']}: no background noise files")
+    for name in PICKUP_LISTS:
+        path = data / "config" / f"{name}_config.json"
+        if not path.is_file():
+            problems.append(f"{path}: missing pick-up list (needed by add-data)")
+            continue
+        try:
+            summary.append(f"config/{path.name}: {len(read_pickup_list(path))} sound events to add")
+        except ValueError as error:
+            problems.append(str(error))
     valid = data / "metadata" / "valid.json"
-    if valid.exists():
+    if valid.is_file():
         try:
             files = metadata_files(valid)
         except ValueError as error:
             problems.append(str(error))
             files = []
-        renderer = Renderer([".", *valid.resolve().parents])
+        renderer = Renderer(data)
         for file in files:
             problems += _metadata_problems(file, renderer)
         summary.append(f"metadata: {len(files)} validation mixtures")
@@ -328,93 +446,164 @@ def _metadata_problems(file, renderer):
 # Add data (the official add_data.sh step)
 
 
-def _active_span(audio, config):
-    """(start, end) samples after cutting leading/trailing frames of `shift` s whose peak is below
-    amp_threshold x the file's peak; (0, 0) for silence."""
-    peak = np.max(np.abs(audio)) if audio.size else 0.0
-    if peak == 0:
-        return 0, 0
-    frame = max(int(config.shift * config.target_sr), 1)
-    frames = math.ceil(len(audio) / frame)
-    padded = np.pad(np.abs(audio), (0, frames * frame - len(audio))).reshape(frames, frame)  # (frames, frame)
-    active = np.flatnonzero(padded.max(axis=1) >= config.amp_threshold * peak)
-    return int(active[0]) * frame, min(int(active[-1] + 1) * frame, len(audio))
+def read_pickup_list(path):
+    """A pick-up list in the official format: a JSON list of {"file_name": path relative to the corpus folder,
+    "t4_label": target class, "convert_path": '<train|valid>/<t4_label>/<name>.wav' relative to sound_event/}."""
+    expected = 'a JSON list of {"file_name", "t4_label", "convert_path"} objects'
+    try:
+        entries = json.loads(Path(path).read_text())
+    except OSError as error:
+        raise ValueError(f"{path}: cannot read the pick-up list ({error.strerror})") from None
+    except ValueError as error:
+        raise ValueError(f"{path}: not valid JSON ({error}); expected {expected}") from None
+    if not isinstance(entries, list):
+        raise ValueError(f"{path}: a JSON {type(entries).__name__}, expected {expected}")
+    targets = set()
+    for number, entry in enumerate(entries):
+        if not isinstance(entry, dict) or not all(isinstance(entry.get(key), str) for key in PICKUP_KEYS):
+            raise ValueError(f"{path}: entry {number} is {json.dumps(entry)[:80]}, expected {expected}")
+        label = entry["t4_label"]
+        source, target = PurePosixPath(entry["file_name"]), PurePosixPath(entry["convert_path"])
+        if label not in LABELS:
+            raise ValueError(f"{path}: entry {number}: t4_label {label!r} is not one of the 18 target classes")
+        if target.is_absolute() or ".." in target.parts or len(target.parts) < 3 or target.parts[0] not in SPLITS \
+                or target.parts[1] != label or target.suffix != ".wav":
+            raise ValueError(f"{path}: entry {number}: convert_path {str(target)!r}, expected "
+                             f"'<train|valid>/{label}/<name>.wav'")
+        if source.is_absolute() or ".." in source.parts:
+            raise ValueError(f"{path}: entry {number}: file_name {str(source)!r} must lie inside the corpus folder")
+        if target in targets:
+            raise ValueError(f"{path}: convert_path {str(target)!r} is listed twice")
+        targets.add(target)
+    return entries
+
+
+def resample(audio, rate):
+    """float32 [n] at `rate` Hz -> float32 [ceil(n * SAMPLE_RATE / rate)] at SAMPLE_RATE (librosa's length)."""
+    resampled = torchaudio.functional.resample(torch.from_numpy(audio.astype(np.float64)), int(rate), SAMPLE_RATE,
+                                               **RESAMPLE_FILTER).numpy()
+    length = math.ceil(len(audio) * (SAMPLE_RATE / rate))
+    result = np.zeros(length, dtype=np.float32)
+    result[:min(length, len(resampled))] = resampled[:length]
+    return result
+
+
+def _has_quiet_window(audio, window, step, threshold):
+    """True when a window [start, start + window) with start = 0, step, 2 step, ... and start + window <= n holds
+    no sample with |x| >= threshold. Found from the positions of the loud samples: O(n), not O(n x window)."""
+    if len(audio) < window:
+        return False
+    starts = np.arange(0, len(audio) - window + 1, step)
+    loud = np.flatnonzero(np.abs(audio) >= threshold)
+    next_loud = np.append(loud, len(audio) + window)[np.searchsorted(loud, starts)]  # first loud at or after start
+    return bool(np.any(next_loud >= starts + window))
 
 
 def process_recording(path, config):
-    """Read, mix to mono, resample to target_sr, trim, segment -> list of float32 pieces (maybe empty)."""
-    try:
-        audio, rate = soundfile.read(str(path), dtype="float64", always_2d=True)
-    except Exception as error:
-        raise ValueError(f"{path}: unreadable audio file ({error})") from None
-    audio = audio.mean(axis=1)
-    if rate != config.target_sr:
-        divisor = math.gcd(config.target_sr, rate)
-        audio = scipy.signal.resample_poly(audio, config.target_sr // divisor, rate // divisor)
-    start, end = _active_span(audio, config)
-    audio = audio[start:end]
-    piece = int(config.segment * config.target_sr)
-    pieces = [audio[first:first + piece] for first in range(0, len(audio), piece)]
-    return [p.astype(np.float32) for p in pieces if len(p) >= config.min_length * config.target_sr]
+    """One recording by the official add_data.sh rules -> (float32 [n] at SAMPLE_RATE, None) or (None, reason).
 
-
-def read_pickup_list(path):
-    """A pick-up list: JSON object {destination: [source paths]}.
-
-    destination = class folder relative to sound_event/ ('Speech' or 'train/Speech'; its last part must be one
-    of LABELS); source paths are relative to the corpus folder (--semhear_path/FSD50K or --ears_path).
+    Read at the native rate, channels averaged to mono; dropped when its peak is below amp_threshold, when it is
+    shorter than min_length, when it is shorter than min_length after removing exact zeros at both ends, or when
+    a window of `segment` seconds (windows every `shift` seconds) is quiet (peak below amp_threshold). A kept
+    recording is the zero-trimmed signal, whole, resampled to SAMPLE_RATE if needed.
     """
     try:
-        table = json.loads(Path(path).read_text())
-    except (OSError, ValueError) as error:
-        raise ValueError(f"{path}: unreadable pick-up list ({error})") from None
-    if not isinstance(table, dict) or not all(isinstance(v, list) and all(isinstance(s, str) for s in v)
-                                               for v in table.values()):
-        raise ValueError(f"{path}: expected a JSON object {{class folder: [relative source paths]}}")
-    for destination in table:
-        if Path(destination).name not in LABELS:
-            raise ValueError(f"{path}: {destination!r} does not end in a class name of LABELS")
-    return table
+        audio, rate = soundfile.read(str(path), dtype="float32", always_2d=True)
+    except Exception as error:  # soundfile raises several types for broken files
+        raise ValueError(f"{path}: unreadable audio file ({error})") from None
+    audio = audio.mean(axis=1)  # (n,) float32, like librosa.load(mono=True)
+    threshold = np.float32(config.amp_threshold)  # compared in float32, as numpy 2 compares a float32 peak
+    if len(audio) == 0:
+        return None, "too short"
+    if np.max(np.abs(audio)) < threshold:
+        return None, "low amplitude"
+    if len(audio) < config.min_length * rate:
+        return None, "too short"
+    audio = np.trim_zeros(audio)
+    if len(audio) < int(config.min_length * rate):
+        return None, "too short after removing zeros"
+    if _has_quiet_window(audio, int(config.segment * rate), int(config.shift * rate), threshold):
+        return None, f"contains a quiet {config.segment:g} s window"
+    if rate != SAMPLE_RATE:
+        audio = resample(audio, rate)
+    return audio, None
 
 
-def _add(source, destination_folder, config):
-    """Process one recording into destination_folder/<stem>/<stem>_<k>.wav; returns (written, skipped)."""
-    written = skipped = 0
-    for number, piece in enumerate(process_recording(source, config)):
-        path = destination_folder / source.stem / f"{source.stem}_{number:03d}.wav"
-        if _write_wav(path, piece, "FLOAT"):
-            written += 1
-        else:
-            skipped += 1
-    return written, skipped
+def _interference_jobs(bg_scaper_fmt, output):
+    """(source, target) of every bg_scaper_fmt/{train,val}/<class>/*.wav of the 95 classes (not recursive)."""
+    if not bg_scaper_fmt.is_dir():
+        raise ValueError(f"{bg_scaper_fmt}: not found (expected SemHear's bg_scaper_fmt/{{train,val}}/<class>/*.wav)")
+    jobs, missing = [], []
+    for split, output_split in SEMHEAR_SPLITS:
+        for name in INTERFERENCE_CLASSES:
+            folder = bg_scaper_fmt / split / name
+            if not folder.is_dir():
+                missing.append(folder)
+                continue
+            jobs += [(folder / entry, output / output_split / name / entry) for entry in sorted(os.listdir(folder))
+                     if entry.endswith(".wav") and (folder / entry).is_file()]
+    if missing:
+        more = f" (and {len(missing) - 1} more of the 95 interference classes)" if len(missing) > 1 else ""
+        raise ValueError(f"{missing[0]}: class folder not found{more}")
+    return jobs
+
+
+def _pickup_jobs(corpus, pickup_list, output):
+    """(source, target) of every entry of a pick-up list; every listed file must exist."""
+    if not corpus.is_dir():
+        raise ValueError(f"{corpus}: corpus folder not found (needed by {pickup_list})")
+    jobs, missing = [], []
+    for entry in read_pickup_list(pickup_list):
+        source = corpus / entry["file_name"]
+        if not source.is_file():
+            missing.append(source)
+        jobs.append((source, output / entry["convert_path"]))
+    if missing:
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise ValueError(f"{missing[0]}: listed in {pickup_list} but not found{more}")
+    return jobs
 
 
 def add_data(config: AddDataConfig):
-    """Add interference (SemHear bg_scaper_fmt, every file) and sound events (the two pick-up lists)."""
+    """The official add_data.sh step: interference from SemHear's bg_scaper_fmt (the 95 classes; train -> train,
+    val -> valid) and the sound events of the two pick-up lists, each processed by process_recording and written
+    as 16-bit PCM WAV at 32 kHz. Re-running keeps finished files; a file that exists with other content is an
+    error. Every input is checked before the first file is written. Returns counts by outcome."""
+    if not config.semhear_path and not config.ears_path:
+        raise ValueError("nothing to add: give --semhear_path and/or --ears_path")
+    for name in ("amp_threshold", "min_length", "segment", "shift"):
+        if not getattr(config, name) > 0:
+            raise ValueError(f"--{name} {getattr(config, name)}: expected a positive value")
     data = Path(config.data)
-    jobs = []  # (source file, destination folder)
+    if not data.is_dir():
+        raise ValueError(f"--data {data}: not a folder (expected the dev set, e.g. data/dev_set)")
+    jobs = []  # (source recording, target file)
     if config.semhear_path:
-        interference = Path(config.semhear_path) / "bg_scaper_fmt"
-        if not interference.is_dir():
-            raise ValueError(f"{interference}: missing (expected SemHear's bg_scaper_fmt/<class>/**.wav)")
-        for path in sorted(interference.rglob("*.wav")):
-            jobs.append((path, data / "interference" / path.parent.relative_to(interference)))
-    for corpus, pickup in ((Path(config.semhear_path) / "FSD50K" if config.semhear_path else None, "FSD50K"),
-                           (Path(config.ears_path) if config.ears_path else None, "EARS")):
-        if corpus is None:
-            continue
-        for destination, sources in read_pickup_list(data / "config" / f"{pickup}_config.json").items():
-            for relative in sources:
-                path = corpus / relative
-                if not path.is_file():
-                    raise ValueError(f"{path}: listed in {pickup}_config.json but not found")
-                jobs.append((path, data / "sound_event" / destination / Path(relative).parent))
-    written = skipped = 0
-    for path, folder in jobs:
-        counts = _add(path, folder, config)
-        written, skipped = written + counts[0], skipped + counts[1]
-    print(f"add-data: {len(jobs)} recordings, {written} files written, {skipped} already present")
-    return written, skipped
+        semhear = Path(config.semhear_path)
+        if not semhear.is_dir():
+            raise ValueError(f"--semhear_path {semhear}: folder not found")
+        jobs += _interference_jobs(semhear / "bg_scaper_fmt", data / "interference")
+        jobs += _pickup_jobs(semhear / "FSD50K", data / "config" / "FSD50K_config.json", data / "sound_event")
+    if config.ears_path:
+        ears = Path(config.ears_path)
+        if not ears.is_dir():
+            raise ValueError(f"--ears_path {ears}: folder not found")
+        jobs += _pickup_jobs(ears, data / "config" / "EARS_config.json", data / "sound_event")
+    jobs.sort(key=lambda job: not job[1].exists())  # finished targets first: a conflict stops before any write
+    counts = collections.Counter()
+    for number, (source, target) in enumerate(jobs):
+        audio, reason = process_recording(source, config)
+        if audio is None:
+            if target.exists():
+                raise FileExistsError(f"{target}: exists, but its source {source} is dropped ({reason})")
+            counts[f"dropped: {reason}"] += 1
+        else:
+            counts["written" if _write_wav(target, audio, "PCM_16") else "already present"] += 1
+        if (number + 1) % 1000 == 0:
+            print(f"add-data: {number + 1}/{len(jobs)} recordings processed", flush=True)
+    print(f"add-data: {len(jobs)} recordings: " + ", ".join(f"{count} {outcome}" for outcome, count in
+                                                           sorted(counts.items())))
+    return counts
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -422,16 +611,25 @@ def add_data(config: AddDataConfig):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = StrictParser(description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
     add_config_flags(commands.add_parser("demo", help="write the procedural demo dev set"), DemoConfig)
-    commands.add_parser("verify", help="check a dev set").add_argument("--data", default="data/dev_set")
+    commands.add_parser("verify", help="check a dev set").add_argument("--data", default="data/dev_set",
+                                                                       help="the dev-set folder")
     add_config_flags(commands.add_parser("add-data", help="the official add_data.sh step"), AddDataConfig)
     render = commands.add_parser("render", help="render SpAudSyn metadata to WAV files")
     render.add_argument("--metadata", default="data/dev_set/metadata/valid.json", help="valid.json or a folder")
     render.add_argument("--out", required=True, help="writes OUT/soundscape and OUT/oracle_target")
-    render.add_argument("--data_root", default=".", help="folder the metadata paths are relative to")
+    render.add_argument("--data_root", default="", help="the dev set the metadata paths refer to "
+                                                        "(default: the dev set holding --metadata)")
     arguments = parser.parse_args()
+    try:
+        run(arguments)
+    except (ValueError, OSError) as error:  # bad input: one line naming the file or flag, no traceback
+        raise SystemExit(f"data_prep.py {arguments.command}: {error}") from None
+
+
+def run(arguments):
     if arguments.command == "demo":
         start = time.perf_counter()
         dev_set = make_demo(arguments.out, config_from_args(arguments, DemoConfig))
@@ -447,7 +645,7 @@ def main():
     elif arguments.command == "add-data":
         add_data(config_from_args(arguments, AddDataConfig))
     else:
-        count = render_metadata(arguments.metadata, arguments.out, arguments.data_root)
+        count = render_metadata(arguments.metadata, arguments.out, arguments.data_root or None)
         print(f"rendered {count} mixtures to {arguments.out}")
 
 

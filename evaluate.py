@@ -14,6 +14,13 @@ label accuracies, exactly as the official evaluator computes them:
     python evaluate.py --estimates DIR --data data/dev_set/synthesized/test --out results/
     python evaluate.py --estimates DIR --data data/dev_set/synthesized/test --metric ca-sdri
 
+--report (with either mode) adds OUT/report/report.md and report.json: the numbers by kind of mixture, per-class
+tagging and separation, the confusion matrix and, when the system runs, the split between tagger and separator
+(report.py). --compare A B compares two result folders mixture by mixture, with paired bootstrap intervals:
+
+    python evaluate.py --tagger T.ckpt --separator S.ckpt --data data/dev_set/synthesized/test --out A --report
+    python evaluate.py --compare eval_out/A eval_out/B
+
 Submission mode evaluates the dev test set, separates the evaluation set and packs OUT/A_F_task4_K.zip:
 
     python evaluate.py --submission --tagger T.ckpt --separator S.ckpt --author Doe --affiliation Lab --number 1 \\
@@ -24,10 +31,15 @@ DATA/oracle_target/<soundscape>_<i>_<label>.wav (mono references). Estimates in 
 <soundscape>_<i>_<label>.wav (2026) or <soundscape>_<label>.wav (2025), as long as their mixture; a soundscape
 without estimate files counts as predicted silence. Files that are not WAVs are listed and ignored.
 OUT/results.json follows the official layout: {'CAPI-SDRi': {'mean'}, 'label_metrics': {...}, 'nparams' (inference
-only), 'details': [...], 'config': {...}}. Separated sources are written as OUT/waveforms/<soundscape>_<i>_<label>.wav
-(i = output slot after moving silent slots last), 16-bit PCM like the official files (--float_wav: 32-bit float).
+only), 'details': [...], 'config': {...}}. Each detail holds soundscape, ref_labels, est_labels, (inference only)
+est_label_probabilities = the tagger's softmax probability of each est_label, one per output slot (the official
+file calls it 'probabilities'), metrics = [{'metric': 'CAPI-SDRi', 'value'}, {'metric': 'label_metrics', 'value':
+{acc, tp, fp, fn}}] and sources = every estimate paired with a reference ({'reference', 'estimate', 'sdri'}, see
+report.pair_sources). The submission's dev_set_test_results.json keeps the official key names and nothing more.
+Separated sources are written as OUT/waveforms/<soundscape>_<i>_<label>.wav (i = output slot after moving silent
+slots last), 16-bit PCM like the official files (--float_wav: 32-bit float).
 """
-import argparse
+import collections
 import dataclasses
 import json
 import math
@@ -43,10 +55,12 @@ from pathlib import Path
 import soundfile
 import torch
 
-from cli import add_config_flags, config_from_args
+import report
+from cli import StrictParser, add_config_flags, config_from_args
 from metrics import METRIC_NAMES, MetricAccumulator
 from model import S5, count_parameters, load_separator, load_tagger
-from synth import LABELS, SAMPLE_RATE, SILENCE, WaveformDataset, audio_info, collate, index_sources, parse_source_name
+from synth import (LABELS, NUM_SLOTS, SAMPLE_RATE, SILENCE, WaveformDataset, audio_info, collate, index_sources,
+                   parse_source_name)
 
 MIXTURE_CHANNELS = 4  # microphones of every soundscape
 RESULTS_FILENAME = "results.json"
@@ -55,6 +69,10 @@ EVAL_RESULTS_FILENAME = "eval_results.json"  # submission: estimate list with ta
 WAV_SUBTYPES = {False: "PCM_16", True: "FLOAT"}  # --float_wav -> soundfile subtype; PCM_16 = the official default
 SUBMISSION_NAME_PART = re.compile(r"[A-Za-z0-9-]+")  # author / affiliation: no '_' (it separates the fields)
 PLOT_FFT, PLOT_HOP, PLOT_RANGE_DB = 1024, 320, 80.0  # spectrogram plots: samples, samples, dB shown below the peak
+OUTPUT_FOLDERS = {"save_waveforms": ("waveforms", "*.wav"), "plots": ("plots", "*.png"),  # flag -> folder, files
+                  "report": ("report", "*")}
+PROBABILITY_KEY = "est_label_probabilities"  # results.json: the chosen label's probability per slot
+OFFICIAL_PROBABILITY_KEY = "probabilities"  # the same list under its official name (submission files)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -79,6 +97,8 @@ class EvaluateConfig:
                                                   "choices": ("auto", "cpu", "cuda")})
     bf16: bool = field(default=False, metadata={"help": "bfloat16 autocast for the networks (fast on CUDA; the "
                                                         "STFTs and metrics stay float32)"})
+    tf32: bool = field(default=False, metadata={"help": "TF32 matmuls on Ampere+ GPUs (off: torch's default, as "
+                                                        "in train.py; cuDNN convolutions use TF32 either way)"})
     batch_size: int = field(default=2, metadata={"help": "soundscapes per forward pass"})
     num_workers: int = field(default=2, metadata={"help": "DataLoader processes reading soundscapes ahead"})
     submission: bool = field(default=False, metadata={"help": "build OUT/<author>_<affiliation>_task4_<number>"
@@ -89,17 +109,30 @@ class EvaluateConfig:
     eval_data: str = field(default="data/eval_set/synthesized/eval",
                            metadata={"help": "submission: evaluation set folder (holding soundscape/, or that "
                                              "folder itself)"})
+    report: bool = field(default=False, metadata={"help": "also write OUT/report/report.md and report.json (by kind "
+                                                          "of mixture, per class, tagger / separator split)"})
+    compare: tuple[str, str] = field(default=("", ""), metadata={
+        "help": "compare two result folders written by --out, mixture by mixture (B - A with 95 % paired bootstrap "
+                "intervals); runs nothing else", "metavar": ("A", "B")})
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """One flag per EvaluateConfig field."""
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser() -> StrictParser:
+    """One flag per EvaluateConfig field; abbreviated or unknown flags are errors."""
+    parser = StrictParser(description=__doc__)
     add_config_flags(parser, EvaluateConfig)
     return parser
 
 
 def check_flags(config: EvaluateConfig) -> str | None:
     """The first inconsistent flag combination, as a message for parser.error (None when all is well)."""
+    if any(config.compare):
+        given = [f"--{name}" for name in ("estimates", "tagger", "separator", "out", "save_waveforms", "plots",
+                                          "submission", "report") if getattr(config, name)]
+        return f"--compare only reads two result folders and prints; drop {', '.join(given)}" if given else None
+    if config.report and not config.out:
+        return "--report writes OUT/report: pass --out DIR"
+    if config.report and config.submission:
+        return "--report goes with an evaluation run (--estimates, or --tagger/--separator without --submission)"
     inference_flags = [f"--{name}" for name in ("tagger", "separator", "save_waveforms", "float_wav", "plots",
                                                 "submission") if getattr(config, name)]
     if config.estimates:
@@ -159,26 +192,57 @@ def read_header(path: Path):
         raise InputError(f"{path}: not a readable WAV file ({str(error).removeprefix(f'{path}: ')})") from None
 
 
-def check_audio_headers(soundscapes: list[Path], sources: dict[str, list[tuple[Path, str]]]) -> list[str]:
-    """Sample rate, channel count and length of every mixture and source file, from the headers only."""
-    problems = []
+def check_audio_headers(soundscapes: list[Path], *source_indexes: dict) -> tuple[list[str], dict[str, int]]:
+    """Sample rate, channel count and length of every mixture and source file, from the headers only.
+
+    source_indexes: {soundscape: [(path, label)]} of the reference files first, then of estimate files. Each
+    problem is reported once, on the file at fault: a mixture whose reference files all have another length is
+    itself truncated or damaged (unless it has the usual mixture length and they do not), and its sources are
+    then not measured against it. Returns (problems, {soundscape: samples} of the mixtures without problems).
+    """
+    files = list(dict.fromkeys(soundscapes + [path for index in source_indexes for sources in index.values()
+                                              for path, _ in sources]))
+    headers, problems = {}, []
+    for path in files:
+        try:
+            headers[path] = read_header(path)
+        except InputError as error:
+            problems.append(str(error))
+    frames = collections.Counter(headers[path].frames for path in soundscapes if path in headers)
+    usual = next((length for length, count in frames.most_common(1)  # the length of most mixtures, if any
+                  if count > 1 and count > len(soundscapes) / 2), None)
+    lengths = {}
     for mixture_path in soundscapes:
-        mixture = read_header(mixture_path)
+        if mixture_path not in headers:
+            continue  # unreadable, reported above
+        mixture, known = headers[mixture_path], len(problems)
         if mixture.samplerate != SAMPLE_RATE or mixture.channels != MIXTURE_CHANNELS:
             problems.append(f"{mixture_path}: {mixture.samplerate} Hz, {mixture.channels} channels; expected "
                             f"{SAMPLE_RATE} Hz, {MIXTURE_CHANNELS} channels")
-        for path, _ in sources.get(mixture_path.stem, []):
-            info = read_header(path)
-            wrong = []
+        sources = [[path for path, _ in index.get(mixture_path.stem, []) if path in headers]
+                   for index in source_indexes]  # references first
+        expected = mixture.frames
+        reference_lengths = {headers[path].frames for path in (sources[0] if sources else [])}
+        if len(reference_lengths) == 1 and expected not in reference_lengths:
+            (length,) = reference_lengths
+            if not (expected == usual and length != usual):
+                problems.append(f"{mixture_path}: {'shorter' if expected < length else 'longer'} than its reference "
+                                f"files ({expected} samples, they have {length}); is the soundscape truncated or "
+                                "damaged?")
+                expected = None
+        for path in dict.fromkeys(path for paths in sources for path in paths):
+            info, wrong = headers[path], []
             if info.samplerate != SAMPLE_RATE:
                 wrong.append(f"sample rate {info.samplerate} Hz, expected {SAMPLE_RATE} Hz")
             if info.channels != 1:
                 wrong.append(f"{info.channels} channels, expected mono")
-            if info.frames != mixture.frames:
-                wrong.append(f"length {info.frames} samples, expected {mixture.frames} (the mixture's)")
+            if expected is not None and info.frames != expected:
+                wrong.append(f"length {info.frames} samples, expected {expected} (the mixture's)")
             if wrong:
                 problems.append(f"{path}: " + "; ".join(wrong))
-    return problems
+        if len(problems) == known:
+            lengths[mixture_path.stem] = mixture.frames
+    return problems, lengths
 
 
 def soundscape_root(path: Path) -> Path:
@@ -196,8 +260,9 @@ def list_inputs(data_dir: Path, with_references: bool, batch_size: int):
     references, problems = None, []
     if with_references:
         references, problems = index_sources(data_dir / "oracle_target", [path.stem for path in soundscapes])
-    problems += check_audio_headers(soundscapes, references or {})
-    lengths = {read_header(path).frames for path in soundscapes}
+    header_problems, mixture_lengths = check_audio_headers(soundscapes, *([references] if with_references else []))
+    problems += header_problems
+    lengths = set(mixture_lengths.values())  # of the mixtures without problems: only for those would batch 1 help
     if batch_size > 1 and len(lengths) > 1:
         problems.append(f"{data_dir / 'soundscape'}: mixtures of different lengths ({min(lengths)} to "
                         f"{max(lengths)} samples) cannot be batched; use --batch_size 1")
@@ -254,6 +319,17 @@ class Progress:
             print(file=sys.stderr)
 
 
+def score_mixtures(accumulator: MetricAccumulator, est_labels, est_waveforms, ref_labels, ref_waveforms, mixtures,
+                   soundscapes) -> list[float | None]:
+    """accumulator.update (arguments and shapes as there), then each mixture's estimates paired with its
+    references (report.pair_sources), kept in its record as 'sources'. Returns the per-mixture values."""
+    values = accumulator.update(est_labels, est_waveforms, ref_labels, ref_waveforms, mixtures, soundscapes)
+    for b, record in enumerate(accumulator.details[-len(values):]):
+        record["sources"] = report.pair_sources(record["est_labels"], est_waveforms[b], record["ref_labels"],
+                                                ref_waveforms[b], record["pairs"])
+    return values
+
+
 def score_estimates(data_dir: Path, estimate_dir: Path, metric: str) -> tuple[MetricAccumulator, dict]:
     """Check every input file first (all problems in one error), then score mixture by mixture.
 
@@ -267,7 +343,7 @@ def score_estimates(data_dir: Path, estimate_dir: Path, metric: str) -> tuple[Me
     references, reference_problems = index_sources(data_dir / "oracle_target", names)
     estimates, estimate_problems = index_sources(estimate_dir, names)
     problems = reference_problems + estimate_problems
-    problems += check_audio_headers(soundscapes, references) + check_audio_headers(soundscapes, estimates)
+    problems += check_audio_headers(soundscapes, references, estimates)[0]
     if problems:
         raise InputError(_problem_report("bad evaluation input", problems))
     if not any(estimates.values()):
@@ -282,9 +358,9 @@ def score_estimates(data_dir: Path, estimate_dir: Path, metric: str) -> tuple[Me
         start = time.perf_counter()
         item = dataset[index]
         read_seconds += time.perf_counter() - start
-        accumulator.update([item["est_label"]], item["est_dry_sources"][None, :, 0], [item["label"]],
-                           item["dry_sources"][None, :, 0], item["mixture"][None, 0],
-                           [item["soundscape"]])  # (1, S, L), (1, R, L), (1, L) = mic channel 0
+        score_mixtures(accumulator, [item["est_label"]], item["est_dry_sources"][None, :, 0], [item["label"]],
+                       item["dry_sources"][None, :, 0], item["mixture"][None, 0],
+                       [item["soundscape"]])  # (1, S, L), (1, R, L), (1, L) = mic channel 0
         progress.step()
     timing = {"mixtures": len(soundscapes), "read_seconds": read_seconds, "metric_seconds": accumulator.seconds}
     return accumulator, timing
@@ -297,8 +373,9 @@ def _json_number(value):
 
 def build_results(accumulator: MetricAccumulator, config: EvaluateConfig, nparams: int | None = None,
                   probabilities: dict[str, list[float]] | None = None, models: dict | None = None) -> dict:
-    """The official results.json layout (plus the 2025 variant for --metric ca-sdri). Inference adds nparams,
-    the tagger probabilities of the 3 output slots per soundscape and the model configs (under config.models)."""
+    """The official results.json layout (plus the 2025 variant for --metric ca-sdri) with each mixture's source
+    pairing added. Inference adds nparams, the tagger's probability of each chosen label per output slot (under
+    PROBABILITY_KEY) and the model configs (under config.models)."""
     summary = accumulator.summary()
     name = summary["metric"]
     if accumulator.metric == "capi-sdri":
@@ -310,15 +387,23 @@ def build_results(accumulator: MetricAccumulator, config: EvaluateConfig, nparam
     for item in accumulator.details:
         detail = {"soundscape": item["soundscape"], "ref_labels": item["ref_labels"], "est_labels": item["est_labels"]}
         if probabilities is not None:
-            detail["probabilities"] = probabilities[item["soundscape"]]
+            detail[PROBABILITY_KEY] = probabilities[item["soundscape"]]
         detail["metrics"] = [{"metric": name, "value": _json_number(item["value"])},
                              {"metric": "label_metrics", "value": item["label_counts"]}]
+        detail["sources"] = item["sources"]
         details.append(detail)
     results = {name: {"mean": _json_number(summary["mean"])}, "label_metrics": label_metrics}
     if nparams is not None:
         results["nparams"] = nparams
     record = dataclasses.asdict(config) | ({"models": models} if models else {})
     return results | {"details": details, "config": record}
+
+
+def official_layout(results: dict) -> dict:
+    """build_results' dict with exactly the official per-mixture keys (for the submission package)."""
+    details = [{OFFICIAL_PROBABILITY_KEY if key == PROBABILITY_KEY else key: value
+                for key, value in detail.items() if key != "sources"} for detail in results["details"]]
+    return results | {"details": details}
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -395,6 +480,7 @@ def load_system(config: EvaluateConfig, device: torch.device) -> tuple[S5, int, 
         raise InputError(f"{config.separator}: the separator reads {separator.config.input_channels} channels, "
                          f"expected {MIXTURE_CHANNELS} (the soundscapes' microphones)")
     system = S5(tagger, separator).to(device).eval()
+    torch.set_float32_matmul_precision("high" if config.tf32 else "highest")  # 'highest' is torch's default
     models = {"tagger": config.tagger, "tagger_config": dataclasses.asdict(tagger.config),
               "separator": config.separator, "separator_config": dataclasses.asdict(separator.config)}
     return system, count_parameters(system), models
@@ -441,35 +527,51 @@ def write_sources(folder: Path, soundscape: str, labels: list[str], waveforms: t
 
 
 def evaluate_system(system: S5, dataset: WaveformDataset, config: EvaluateConfig, device: torch.device,
-                    waveform_dir: Path | None = None, plot_dir: Path | None = None):
+                    waveform_dir: Path | None = None, plot_dir: Path | None = None, oracle: bool = False):
     """Separate every soundscape and score it against its oracle targets (mixture = mic channel 0, like the
-    official evaluator). Returns (accumulator, {soundscape: 3 slot probabilities}, timing)."""
+    official evaluator). Returns (accumulator, {soundscape: 3 slot probabilities}, timing, oracle accumulator).
+
+    With oracle, the separator also runs with the reference labels as queries (the first 3 of a mixture with
+    more) and that output is scored in a second accumulator (else None): what the separator delivers when the
+    tagger is perfect."""
     accumulator = MetricAccumulator(config.metric)
-    probabilities, timing = {}, {"model_seconds": 0.0, "soundscapes": 0}
+    oracle_accumulator = MetricAccumulator(config.metric) if oracle else None
+    probabilities, timing = {}, {"model_seconds": 0.0, "soundscapes": 0, "oracle_seconds": 0.0}
     start = time.perf_counter()
     for batch, labels, slot_probabilities, waveforms in separate_all(system, dataset, config, device, timing):
         references = batch["dry_sources"][:, :, 0]  # (B, R, L)
-        values = accumulator.update(labels, waveforms, batch["label"], references, batch["mixture"][:, 0],
-                                    batch["soundscape"])  # (B, 3, L), (B, R, L), (B, L)
+        values = score_mixtures(accumulator, labels, waveforms, batch["label"], references,
+                                batch["mixture"][:, 0], batch["soundscape"])  # (B, 3, L), (B, R, L), (B, L)
+        if oracle_accumulator is not None:
+            oracle_start = time.perf_counter()
+            queries = batch["label_vector"][:, :NUM_SLOTS]  # (B, 3, 18) one-hot rows, silence = zeros
+            with torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.bf16):
+                oracle_waveforms = system.separator(batch["mixture"].to(device), queries.to(device))
+            oracle_waveforms = oracle_waveforms.float().cpu()  # (B, 3, L)
+            timing["oracle_seconds"] += time.perf_counter() - oracle_start
+            score_mixtures(oracle_accumulator, [row[:NUM_SLOTS] for row in batch["label"]], oracle_waveforms,
+                           batch["label"], references, batch["mixture"][:, 0], batch["soundscape"])
         for b, soundscape in enumerate(batch["soundscape"]):
             probabilities[soundscape] = slot_probabilities[b].tolist()
             if waveform_dir is not None:
                 write_sources(waveform_dir, soundscape, labels[b], waveforms[b], WAV_SUBTYPES[config.float_wav])
             if plot_dir is not None and len(probabilities) <= config.plots:
-                score = "no target sources" if values[b] is None else \
+                caption = "no target sources" if values[b] is None else \
                     f"{METRIC_NAMES[config.metric]} {values[b]:.2f} dB"
-                plot_soundscape(plot_dir / f"{soundscape}.png", f"{soundscape}: {score}", batch["mixture"][b, 0],
+                plot_soundscape(plot_dir / f"{soundscape}.png", f"{soundscape}: {caption}", batch["mixture"][b, 0],
                                 (batch["label"][b], references[b]),
                                 (labels[b], waveforms[b], slot_probabilities[b]))
     timing["seconds"] = time.perf_counter() - start
-    return accumulator, probabilities, timing
+    return accumulator, probabilities, timing, oracle_accumulator
 
 
 def print_speed(timing: dict, config: EvaluateConfig, device: torch.device):
     count = timing["soundscapes"]
     print(f"Inference speed: {count / timing['seconds']:.2f} soundscapes/s overall, "
           f"{count / max(timing['model_seconds'], 1e-9):.2f} soundscapes/s in the networks ({count} soundscapes, "
-          f"batch {config.batch_size}, {device.type}{', bf16' if config.bf16 else ''})")
+          f"batch {config.batch_size}, {device.type}{', bf16' if config.bf16 else ''})"
+          + (f"; the oracle-label pass took {timing['oracle_seconds']:.1f} s more" if timing.get("oracle_seconds")
+             else ""))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -477,12 +579,11 @@ def print_speed(timing: dict, config: EvaluateConfig, device: torch.device):
 # ----------------------------------------------------------------------------------------------------------
 def matplotlib_figure():
     """matplotlib's Figure class (no pyplot, so no display is needed); a clear error when it is missing."""
-    try:
-        from matplotlib.figure import Figure
-    except ImportError:
+    figure = report.figure_class()
+    if figure is None:
         raise InputError("--plots needs matplotlib, which is not installed: pip install matplotlib "
-                         "(or run without --plots)") from None
-    return Figure
+                         "(or run without --plots)")
+    return figure
 
 
 def log_spectrogram(waveform: torch.Tensor) -> torch.Tensor:
@@ -519,7 +620,7 @@ def plot_soundscape(path: Path, title: str, mixture: torch.Tensor, references: t
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Submission package (official generate_waveform.py behaviour, SPEC 7.3)
+# Submission package (the official generate_waveform.py behaviour)
 # ----------------------------------------------------------------------------------------------------------
 def submission_name(config: EvaluateConfig) -> str:
     return f"{config.author}_{config.affiliation}_task4_{config.number}"
@@ -609,52 +710,101 @@ def zip_submission(out: Path, name: str) -> Path:
 # ----------------------------------------------------------------------------------------------------------
 # Main
 # ----------------------------------------------------------------------------------------------------------
-def run_scoring(config: EvaluateConfig):
-    """--estimates mode: score WAV files, print the summary, write OUT/results.json."""
-    torch.set_num_threads(1)  # the per-mixture work is small; threads only add overhead
-    output = results_path(config.out, config.overwrite)
-    accumulator, timing = score_estimates(Path(config.data), Path(config.estimates), config.metric)
-    results = build_results(accumulator, config)
-    print_results(results, timing)
-    if output is not None:
-        write_results(results, output)
-        print(f"wrote {output}")
+def output_folders(config: EvaluateConfig) -> dict[Path, str]:
+    """The folders this run writes files into -> the pattern of its files there."""
+    return {Path(config.out) / name: pattern for flag, (name, pattern) in OUTPUT_FOLDERS.items()
+            if getattr(config, flag)}
 
 
-def run_inference(config: EvaluateConfig):
-    """--tagger/--separator mode: separate the dev test set, print and write the official results."""
-    output = results_path(config.out, config.overwrite)
-    folders = {}  # output folder -> pattern of the files a run writes there
-    if config.save_waveforms:
-        folders[Path(config.out) / "waveforms"] = "*.wav"
-    if config.plots:
-        matplotlib_figure()  # fail before the long run, not after it
-        folders[Path(config.out) / "plots"] = "*.png"
-    stale = {folder: sorted(folder.glob(pattern)) for folder, pattern in folders.items() if folder.is_dir()}
+def earlier_files(folders: dict[Path, str], overwrite: bool) -> dict[Path, list[Path]]:
+    """Files of an earlier run in the output folders; an error unless overwrite (checked before any work)."""
+    stale = {folder: sorted(path for path in folder.glob(pattern) if path.is_file())
+             for folder, pattern in folders.items() if folder.is_dir()}
     stale = {folder: paths for folder, paths in stale.items() if paths}
-    if stale and not config.overwrite:
+    if stale and not overwrite:
         raise InputError(f"{', '.join(map(str, stale))} already hold files of an earlier run; pass --overwrite to "
                          "replace them or choose another --out")
-    device = resolve_device(config.device)
-    dataset = open_dataset(Path(config.data), True, config.batch_size)
-    system, nparams, models = load_system(config, device)
-    for folder, paths in stale.items():  # old estimates must not mix with the new ones
+    return stale
+
+
+def prepare_folders(folders: dict[Path, str], stale: dict[Path, list[Path]]):
+    """Removes the earlier run's files (old estimates must not mix with the new ones), creates the folders."""
+    for folder, paths in stale.items():
         for path in paths:
             path.unlink()
         print(f"removed {len(paths)} files of an earlier run from {folder}", file=sys.stderr)
     for folder in folders:
         folder.mkdir(parents=True, exist_ok=True)
-    accumulator, probabilities, timing = evaluate_system(
-        system, dataset, config, device, waveform_dir=Path(config.out) / "waveforms" if config.save_waveforms else None,
-        plot_dir=Path(config.out) / "plots" if config.plots else None)
-    results = build_results(accumulator, config, nparams, probabilities, models)
-    print_results(results)
-    print_speed(timing, config, device)
+
+
+def write_outputs(config: EvaluateConfig, results: dict, output: Path | None, folders: dict[Path, str],
+                  system: dict, oracle_results: dict | None = None):
+    """results.json, the report (with --report) and one line per written folder."""
     if output is not None:
         write_results(results, output)
         print(f"wrote {output}")
+    if config.report:
+        report.write_report(Path(config.out) / "report", results, oracle_results, system, config.data)
+        if report.figure_class() is None:
+            print(report.NO_FIGURES, file=sys.stderr)
     for folder, pattern in folders.items():
-        print(f"wrote {len(list(folder.glob(pattern)))} {pattern[2:].upper()} files to {folder}")
+        names = sorted(path.name for path in folder.glob(pattern))
+        print(f"wrote {len(names)} files to {folder}" + (f" ({', '.join(names)})" if len(names) <= 5 else ""))
+
+
+def run_scoring(config: EvaluateConfig):
+    """--estimates mode: score WAV files, print the summary, write OUT/results.json (and the report)."""
+    torch.set_num_threads(1)  # the per-mixture work is small; threads only add overhead
+    output = results_path(config.out, config.overwrite)
+    folders = output_folders(config)
+    stale = earlier_files(folders, config.overwrite)
+    accumulator, timing = score_estimates(Path(config.data), Path(config.estimates), config.metric)
+    results = build_results(accumulator, config)
+    print_results(results, timing)
+    prepare_folders(folders, stale)
+    write_outputs(config, results, output, folders, {"estimates": config.estimates})
+
+
+def run_inference(config: EvaluateConfig):
+    """--tagger/--separator mode: separate the dev test set, print and write the official results (and the
+    report, with its oracle-label run)."""
+    output = results_path(config.out, config.overwrite)
+    if config.plots:
+        matplotlib_figure()  # fail before the long run, not after it
+    folders = output_folders(config)
+    stale = earlier_files(folders, config.overwrite)
+    device = resolve_device(config.device)
+    dataset = open_dataset(Path(config.data), True, config.batch_size)
+    system, nparams, models = load_system(config, device)
+    prepare_folders(folders, stale)
+    accumulator, probabilities, timing, oracle = evaluate_system(
+        system, dataset, config, device, waveform_dir=Path(config.out) / "waveforms" if config.save_waveforms else None,
+        plot_dir=Path(config.out) / "plots" if config.plots else None, oracle=config.report)
+    results = build_results(accumulator, config, nparams, probabilities, models)
+    print_results(results)
+    print_speed(timing, config, device)
+    write_outputs(config, results, output, folders, {"tagger": config.tagger, "separator": config.separator},
+                  build_results(oracle, config) if oracle is not None else None)
+
+
+def run_compare(config: EvaluateConfig):
+    """--compare A B: the paired comparison of two results.json files, printed."""
+    loaded = []
+    for folder in config.compare:
+        path = Path(folder) / RESULTS_FILENAME if Path(folder).is_dir() else Path(folder)
+        if not path.is_file():
+            raise InputError(f"--compare {folder}: no {RESULTS_FILENAME} there; expected a folder written by "
+                             "evaluate.py --out (or its results.json)")
+        try:
+            loaded.append((str(path), json.loads(path.read_text())))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+            raise InputError(f"{path}: not a readable results file ({error})") from None
+    (name_a, results_a), (name_b, results_b) = loaded
+    try:
+        comparison = report.compare_results(results_a, results_b, name_a, name_b)
+    except ValueError as error:
+        raise InputError(str(error)) from None
+    print(report.format_comparison(comparison))
 
 
 def run_submission(config: EvaluateConfig):
@@ -669,11 +819,11 @@ def run_submission(config: EvaluateConfig):
     system, nparams, models = load_system(config, device)
 
     print(f"[1/3] dev test set {config.data} -> {folder / DEV_RESULTS_FILENAME}", file=sys.stderr)
-    accumulator, probabilities, timing = evaluate_system(system, dev_dataset, config, device)
+    accumulator, probabilities, timing, _ = evaluate_system(system, dev_dataset, config, device)
     results = build_results(accumulator, config, nparams, probabilities, models)
     print_results(results)
     print_speed(timing, config, device)
-    write_results(results, folder / DEV_RESULTS_FILENAME)
+    write_results(official_layout(results), folder / DEV_RESULTS_FILENAME)
     verify_dev_results(folder / DEV_RESULTS_FILENAME, Path(config.data))
 
     print(f"[2/3] evaluation set {eval_root / 'soundscape'} -> {folder / 'eval_out'}", file=sys.stderr)
@@ -699,7 +849,9 @@ def main():
     if problem:
         parser.error(problem)
     try:
-        if config.estimates:
+        if any(config.compare):
+            run_compare(config)
+        elif config.estimates:
             run_scoring(config)
         elif config.submission:
             run_submission(config)

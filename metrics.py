@@ -65,16 +65,17 @@ def _group_by_class(labels: list[str], last_only: bool = False) -> dict[str, lis
     return groups
 
 
-def _classwise_improvement(est_groups, ref_groups, pair_snr, mixture_snr) -> float | None:
-    """Mean improvement of one mixture from precomputed SNRs (the CAPI-SDRi rules of the docstring below).
+def _classwise_improvement(est_groups, ref_groups, pair_snr, mixture_snr) -> tuple[float | None, list]:
+    """Mean improvement of one mixture from precomputed SNRs (the CAPI-SDRi rules of the docstring below), and
+    the matched pairs [(reference slot, estimate slot, SNR improvement in dB)].
 
     pair_snr[(r, s)] = SNR(estimate s, reference r); mixture_snr[r] = SNR(mixture, reference r); both only
     needed for classes present on both sides.
     """
     classes = est_groups.keys() | ref_groups.keys()
     if not classes:
-        return None
-    values = []
+        return None, []
+    values, matched_pairs = [], []
     for label in classes:
         estimates, references = est_groups.get(label, []), ref_groups.get(label, [])
         matched = min(len(estimates), len(references))
@@ -86,14 +87,17 @@ def _classwise_improvement(est_groups, ref_groups, pair_snr, mixture_snr) -> flo
                     score = sum(pair_snr[pair] for pair in pairs) / matched  # raw SNR picks, not improvement
                     if best_pairs is None or score > best_score:  # first maximum in enumeration order
                         best_score, best_pairs = score, pairs
-            values += [pair_snr[(r, s)] - mixture_snr[r] for r, s in best_pairs]
+            improvements = [(r, s, pair_snr[(r, s)] - mixture_snr[r]) for r, s in best_pairs]
+            matched_pairs += improvements
+            values += [improvement for _, _, improvement in improvements]
         values += [0.0] * (max(len(estimates), len(references)) - matched)  # misses or false positives
-    return sum(values) / len(values)
+    return sum(values) / len(values), matched_pairs
 
 
-def _score_batch(est_labels, est_waveforms, ref_labels, ref_waveforms, mixtures, last_only) -> list[float | None]:
-    """Shared engine of capi_sdri / ca_sdri: only the SNRs of same-class pairs are computed, each reference's
-    mixture SNR once, all on the waveforms' device, then moved to the CPU in one transfer."""
+def _score_batch(est_labels, est_waveforms, ref_labels, ref_waveforms, mixtures, last_only) -> list[tuple]:
+    """Shared engine of capi_sdri / ca_sdri -> per item (value or None, matched pairs as _classwise_improvement
+    gives them). Only the SNRs of same-class pairs are computed, each reference's mixture SNR once, all on the
+    waveforms' device, then moved to the CPU in one transfer."""
     est_waveforms, ref_waveforms, mixtures = map(_metric_dtype, (est_waveforms, ref_waveforms, mixtures))
     if mixtures.dim() == 3:
         mixtures = mixtures[:, 0]  # (B, L): the improvement is measured against mic channel 0
@@ -138,7 +142,7 @@ def _score_batch(est_labels, est_waveforms, ref_labels, ref_waveforms, mixtures,
 
 def capi_sdri(est_labels: list[str], est_waveforms: torch.Tensor, ref_labels: list[str],
               ref_waveforms: torch.Tensor, mixture: torch.Tensor) -> float | None:
-    """CAPI-SDRi of one mixture (2026 official metric, SPEC 5.1), in dB.
+    """CAPI-SDRi of one mixture (the 2026 official metric), in dB.
 
     est_labels: S labels for est_waveforms [S, L]; ref_labels: R labels for ref_waveforms [R, L] (silence rows
     may be zeros); mixture: [L] (mic channel 0) or [C, L] (channel 0 is used). float32 like the official scorer.
@@ -147,19 +151,19 @@ def capi_sdri(est_labels: list[str], est_waveforms: torch.Tensor, ref_labels: li
     over all counted values, or None when neither side has a non-silence label (excluded from dataset means).
     """
     mixture = mixture[None] if mixture.dim() == 1 else mixture[None, 0]
-    return _score_batch([est_labels], est_waveforms[None], [ref_labels], ref_waveforms[None], mixture, False)[0]
+    return _score_batch([est_labels], est_waveforms[None], [ref_labels], ref_waveforms[None], mixture, False)[0][0]
 
 
 def ca_sdri(est_labels: list[str], est_waveforms: torch.Tensor, ref_labels: list[str],
             ref_waveforms: torch.Tensor, mixture: torch.Tensor) -> float | None:
-    """CA-SDRi of one mixture (2025 official metric, SPEC 5.3), in dB; shapes as capi_sdri.
+    """CA-SDRi of one mixture (the 2025 official metric), in dB; shapes as capi_sdri.
 
     Labels are collapsed per class (a duplicated label keeps its last slot); a class on both sides adds its SNR
     improvement, a class on one side only adds 0. None when neither side has a label (the official code returns
     NaN there, which would poison the dataset mean; here the mixture is left out of the mean instead).
     """
     mixture = mixture[None] if mixture.dim() == 1 else mixture[None, 0]
-    return _score_batch([est_labels], est_waveforms[None], [ref_labels], ref_waveforms[None], mixture, True)[0]
+    return _score_batch([est_labels], est_waveforms[None], [ref_labels], ref_waveforms[None], mixture, True)[0][0]
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -203,30 +207,31 @@ class MetricAccumulator:
     metric: 'capi-sdri' (2026) or 'ca-sdri' (2025). update() takes
         est_labels: B lists of S labels, est_waveforms [B, S, L], ref_labels: B lists of R labels,
         ref_waveforms [B, R, L], mixtures [B, L] (channel 0) or [B, C, L], soundscapes: B names (optional)
-    and returns the B per-mixture values (float or None). The per-mixture records stay in self.details.
+    and returns the B per-mixture values (float or None). The per-mixture records stay in self.details; their
+    'pairs' are the same-class (reference slot, estimate slot, SNR improvement in dB) pairs the metric matched.
     """
 
     def __init__(self, metric: str = "capi-sdri"):
         if metric not in METRIC_NAMES:
             raise ValueError(f"metric {metric!r}: expected one of {', '.join(METRIC_NAMES)}")
         self.metric = metric
-        self.details: list[dict] = []  # {'soundscape', 'est_labels', 'ref_labels', 'value', 'label_counts'}
+        self.details: list[dict] = []  # {'soundscape', 'est_labels', 'ref_labels', 'value', 'label_counts', 'pairs'}
         self.seconds = 0.0  # time spent inside update(), for speed reports
 
     def update(self, est_labels, est_waveforms, ref_labels, ref_waveforms, mixtures, soundscapes=None):
         start = time.perf_counter()
         with torch.no_grad():
-            values = _score_batch(est_labels, est_waveforms, ref_labels, ref_waveforms, mixtures,
+            scores = _score_batch(est_labels, est_waveforms, ref_labels, ref_waveforms, mixtures,
                                   last_only=self.metric == "ca-sdri")
-        for b, value in enumerate(values):
+        for b, (value, pairs) in enumerate(scores):
             counts = label_counts(est_labels[b], ref_labels[b])
             if self.metric == "ca-sdri":
                 counts["acc"] = label_set_match(est_labels[b], ref_labels[b])
             self.details.append({"soundscape": soundscapes[b] if soundscapes else f"item_{len(self.details)}",
                                  "est_labels": list(est_labels[b]), "ref_labels": list(ref_labels[b]),
-                                 "value": value, "label_counts": counts})
+                                 "value": value, "label_counts": counts, "pairs": pairs})
         self.seconds += time.perf_counter() - start
-        return values
+        return [value for value, _ in scores]
 
     def summary(self) -> dict:
         """{'metric': printed name, 'mean': dB or None when no mixture counts, 'accuracy_mix', 'accuracy_src',
@@ -241,12 +246,19 @@ class MetricAccumulator:
 # ----------------------------------------------------------------------------------------------------------
 # Training losses (all float64, differentiable)
 # ----------------------------------------------------------------------------------------------------------
+_PERMUTATIONS = {}  # (slots, device) -> every permutation [P, S]; built once per device, never copied again
+
+
 def _best_permutation(cost: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Exhaustive assignment search. cost [B, S, S] (rows = target slot, columns = prediction slot) ->
     (mean assigned cost of the best permutation [B], permutation [B, S] with permutation[b, i] = prediction slot
-    matched to target slot i). Ties go to the first permutation in itertools order."""
+    matched to target slot i). Ties go to the first permutation in itertools order. No host-device
+    synchronisation: the permutation table is cached per device (a copy from host lists would wait for the GPU)."""
     slots = cost.shape[-1]
-    permutations = torch.tensor(list(itertools.permutations(range(slots))), device=cost.device)  # (P, S)
+    key = (slots, cost.device)
+    if key not in _PERMUTATIONS:
+        _PERMUTATIONS[key] = torch.tensor(list(itertools.permutations(range(slots))), device=cost.device)
+    permutations = _PERMUTATIONS[key]  # (P, S)
     rows = torch.arange(slots, device=cost.device)
     scores = cost[:, rows[None, :], permutations].mean(-1)  # (B, P)
     best = scores.argmin(-1)  # argmin returns the first minimum

@@ -28,7 +28,7 @@ NUM_CLASSES = len(LABELS)  # 18 target classes: the separator's query size
 TAGGER_CLASSES = NUM_CLASSES + 1  # the 2026 tagger adds 'silence' as class 18
 LOG_EPS = float(torch.finfo(torch.float32).eps)  # added to the mel power before the log, as the official
 MAG_EPS = 1e-10  # floor on the separator's STFT power (so magnitudes are >= 1e-5)
-# Log-mel front ends selected by the sample-rate tag of the M2D folder name (SPEC 1.1).
+# Log-mel front ends selected by the sample-rate tag of the M2D folder name (as the official portable_m2d.py).
 FRONT_ENDS = {
     "16k": dict(sample_rate=16000, n_fft=400, hop_length=160, n_mels=80, f_min=50.0, f_max=8000.0),
     "32k": dict(sample_rate=32000, n_fft=800, hop_length=320, n_mels=80, f_min=50.0, f_max=16000.0),
@@ -86,7 +86,7 @@ class SeparatorConfig:
 
 
 def first_trainable_layer(mode: str, depth: int) -> int:
-    """Index into the official fine-tuning layer list (SPEC 2.4) from which on everything is trainable."""
+    """Index into the official fine-tuning layer list (m2dat.py) from which on everything is trainable."""
     blocks = re.fullmatch(r"(\d+)_blocks", mode)
     if mode in ("all", "backbone_out", "head"):
         return {"all": 0, "backbone_out": 6 + depth, "head": 9 + depth}[mode]
@@ -97,7 +97,7 @@ def first_trainable_layer(mode: str, depth: int) -> int:
 
 def parse_m2d_folder_name(weight_file: str) -> tuple[tuple, tuple, str]:
     """M2D configuration from the weight file's folder name, e.g. 'm2d_as_vit_base-80x1001p16x16p32k-240413_...'
-    -> ((80, 1001), (16, 16), '32k'); the sample-rate tag defaults to '16k' when absent (SPEC 1.1)."""
+    -> ((80, 1001), (16, 16), '32k'); the sample-rate tag defaults to '16k' when absent (as in portable_m2d.py)."""
     name = Path(weight_file).parent.name
     fields = name.split("-")
     pieces = fields[1].split("p")[:3] if len(fields) > 1 else []
@@ -270,7 +270,7 @@ class Tagger(nn.Module):
         self.set_finetuning(config.finetuning)
 
     def set_finetuning(self, mode: str) -> None:
-        """requires_grad as the official fine-tuning list (SPEC 2.4); norm_stats always stays frozen."""
+        """requires_grad as the official fine-tuning list (m2dat.py); norm_stats always stays frozen."""
         backbone = self.backbone
         # Official order: cls_token, pos_embed, patch_embed, pos_drop, patch_drop, norm_pre, blocks..., norm,
         # fc_norm, head_drop, head_norm, head (the dropout/identity entries own no parameters).
@@ -332,7 +332,7 @@ class Tagger(nn.Module):
 
 
 def load_m2d_weights(tagger: Tagger, weight_file: str) -> None:
-    """Initialise the backbone (and head_norm statistics) from an official M2D weight file (SPEC 1.2), strictly."""
+    """Initialise the backbone (and head_norm statistics) from an official M2D weight file, strictly."""
     checkpoint = torch.load(weight_file, map_location="cpu", weights_only=False)  # trusted official file
     state = checkpoint.get("model", checkpoint)
     state = {key.replace("module.ar.runtime.backbone.", ""): value for key, value in state.items()}
@@ -575,7 +575,7 @@ class S5(nn.Module):
 # ----------------------------------------------------------------------------------------------------------------
 # Loading official Lightning checkpoints and our own checkpoints
 
-# The whole remap from the official Lightning checkpoints (SPEC Appendix A): key prefixes renamed in order (first
+# The whole remap from the official Lightning checkpoints: key prefixes renamed in order (first
 # match wins) and keys dropped because this implementation computes them (nnAudio / torchlibrosa buffers and
 # frozen STFT kernels). Any other key is an error.
 OFFICIAL_PREFIXES = {

@@ -58,6 +58,9 @@ LABELS = (  # the 18 target classes, in the official index order
 )
 POSITION_TOLERANCE = 1e-3  # m, a metadata position must lie this close to a stored RIR position
 ROOM_MODULE = "src.modules.spatial_audio_synthesizer.room"  # written into metadata for the official loader
+SOURCE_FOLDERS = ("sound_event", "interference", "noise", "room_ir")  # dev-set folders, each split in SPLITS
+SPLITS = ("train", "valid")  # training draws from train; the validation metadata reference valid
+OFFICIAL_PREFIX = "data/dev_set/"  # the dev set in metadata paths (relative to the official repository root)
 HEAP_KEEP_MEGABYTES = 128  # freed memory glibc keeps for reuse instead of returning it (see keep_heap_memory)
 spectrum_cache_megabytes = 256  # per worker process; RIR spectra kept so that repeated positions skip the read + FFT
 CPU_KERNELS = True  # CPU tensors use scipy.fft and a copy per event (faster there); False runs the GPU code (tests)
@@ -262,20 +265,21 @@ def _sorted_wavs(folder):
 
 
 class DataIndex:
-    """Sorted listing of a data root (sound_event/, interference/, noise/, room_ir/) with file lengths.
+    """Sorted listing of one split of a dev set (sound_event/, interference/, noise/, room_ir/) with file lengths.
 
-    Built once per dataset (and so once per process); generation never lists folders again. With the official
-    dev set layout (sound_event/train/<Label>/...) the split sub-folder is used: `split` defaults to 'train'
-    when it exists. Problems (wrong rate, channels, empty folders, unreadable files) raise one ValueError
-    listing all of them, or are collected in `problems` when strict is False.
+    The layout is the official one: every source folder has a `train` and a `valid` split
+    (sound_event/train/<Label>/**.wav, interference/train/<class>/**.wav, noise/train/**.wav,
+    room_ir/train/*.sofa); training draws from `train`, the validation metadata reference `valid`. Built once
+    per dataset (and so once per process); generation never lists folders again. Problems (wrong rate,
+    channels, empty folders, unreadable files) raise one ValueError listing all of them, or are collected in
+    `problems` when strict is False.
     """
 
-    def __init__(self, data_root, split=None, strict=True):
-        self.root = Path(data_root)
-        if split is None:
-            split = "train" if (self.root / "sound_event" / "train").is_dir() else ""
-        self.folders = {name: self.root / name / split if split else self.root / name
-                        for name in ("sound_event", "interference", "noise", "room_ir")}
+    def __init__(self, data_root, split="train", strict=True):
+        if split not in SPLITS:
+            raise ValueError(f"split {split!r}, expected one of {', '.join(SPLITS)}")
+        self.root, self.split = Path(data_root), split
+        self.folders = {name: self.root / name / split for name in SOURCE_FOLDERS}
         self.problems = []
         self.rooms = []
         if not self.folders["room_ir"].is_dir():
@@ -308,6 +312,10 @@ class DataIndex:
                                        info.channels))
         if strict and self.problems:
             raise ValueError("data problems:\n  " + "\n  ".join(self.problems))
+
+    def metadata_folder(self, name):
+        """Official metadata form of one source folder of this split, e.g. 'data/dev_set/sound_event/train'."""
+        return f"{OFFICIAL_PREFIX}{name}/{self.split}"
 
     def _check(self, path, channels):
         try:
@@ -350,13 +358,15 @@ class DataIndex:
 class Renderer:
     """Renders SpAudSyn metadata dicts; keeps each room open once per process.
 
-    Relative paths in metadata (directories and sofa_path) resolve against `roots` in order: the data root
-    first (the official code uses the current directory), then any further folders given (e.g. the ancestors
-    of a metadata file), so that 'data/dev_set/...' paths work from the repository root and from elsewhere.
+    Paths in metadata (the three source directories and sofa_path) are relative to the official repository
+    root, where the dev set is data/dev_set. They are resolved against the dev-set folder `dev_set`, wherever it
+    lives: 'data/dev_set/<rest>' -> <dev_set>/<rest>; any other relative path -> relative to the folder two
+    levels above the dev set (the repository root when the dev set is <repository>/data/dev_set); absolute
+    paths are used as they are. The current directory is never consulted.
     """
 
-    def __init__(self, roots=(".",), rooms=(), cache_dir=None):
-        self.roots = [Path(root) for root in roots]
+    def __init__(self, dev_set="data/dev_set", rooms=(), cache_dir=None):
+        self.dev_set = Path(os.path.abspath(dev_set))  # not resolve(): a symlinked data/dev_set keeps its parents
         self.rooms = {room.path.resolve(): room for room in rooms}
         self.cache_dir = cache_dir  # optional folder of RIR spectra shared by processes (RirSpectra)
         self._spectra = None  # this process's RirSpectra on the CPU, made on the first render
@@ -367,12 +377,19 @@ class Renderer:
         return state
 
     def resolve(self, *parts):
+        """The file a metadata path names (joined from parts, e.g. a source directory and a source_file)."""
         relative = Path(*parts)
-        for root in self.roots:
-            if (root / relative).exists():
-                return root / relative
-        tried = ", ".join(str(root) for root in self.roots)
-        raise ValueError(f"{relative}: file referenced by the metadata not found (looked under {tried})")
+        posix = relative.as_posix()
+        if relative.is_absolute():
+            path = relative
+        elif posix.startswith(OFFICIAL_PREFIX):
+            path = self.dev_set / posix[len(OFFICIAL_PREFIX):]
+        else:
+            path = self.dev_set.parent.parent / relative
+        if not path.exists():
+            raise ValueError(f"{posix}: file referenced by the metadata not found at {path} (metadata paths starting "
+                             f"with {OFFICIAL_PREFIX} are looked up in the dev set {self.dev_set})")
+        return path
 
     def room(self, sofa_path):
         path = self.resolve(sofa_path).resolve()
@@ -825,7 +842,7 @@ def _unit(vectors):
 
 
 class SceneGenerator:
-    """Draws SpAudSyn metadata for one training mixture from a DataIndex (SPEC 6.7 'generate')."""
+    """Draws SpAudSyn metadata for one training mixture from a DataIndex, as the official 'generate' mode."""
 
     def __init__(self, index: DataIndex, config: SceneConfig):
         self.index, self.config = index, config
@@ -899,20 +916,22 @@ class SceneGenerator:
             background.append({"label": None, "source_file": relative, "source_time": source_time, "event_time": 0,
                                "event_duration": config.duration, "event_position": None, "snr": 0,
                                "role": "background"})
-        folders = {key: index.folders[name].as_posix() for key, name in (
+        # Paths in the official form ('data/dev_set/sound_event/train'), so the official code reads the metadata too.
+        folders = {key: index.metadata_folder(name) for key, name in (
             ("foreground_dir", "sound_event"), ("background_dir", "noise"), ("interference_dir", "interference"))}
         return {
             "config": {"duration": config.duration, "sr": SAMPLE_RATE, "max_event_overlap": 3,
                        "max_event_dur": config.max_event_duration, "ref_db": config.ref_db, **folders,
                        "room_config": {"module": ROOM_MODULE, "main": "SofaRoom", "args": {
-                           "path": index.folders["room_ir"].as_posix(),
+                           "path": index.metadata_folder("room_ir"),
                            "direct_range_ms": list(config.direct_range_ms)}},
                        "verbose": False},
             "fg_events": sorted(events, key=lambda event: event["event_time"]),
             "int_events": sorted(interference, key=lambda event: event["event_time"]),
             "bg_events": background,
-            "room": room.metadata((Path(index.folders["room_ir"]) / room.path.relative_to(
-                index.folders["room_ir"])).as_posix(), config.direct_range_ms),
+            "room": room.metadata(f"{index.metadata_folder('room_ir')}/"
+                                  f"{room.path.relative_to(index.folders['room_ir']).as_posix()}",
+                                  config.direct_range_ms),
         }
 
 
@@ -988,19 +1007,21 @@ def _scene_item(renderer, record, labels, soundscape, scene, modes, render):
 class GeneratedDataset(torch.utils.data.Dataset):
     """Training mixtures generated on the fly; item i is a pure function of (seed, i).
 
-    spectrum_cache_dir: optional folder where RIR spectra are stored once and shared by all workers and runs
-    (10 MB per RIR position for 4 x 174763 taps; see RirSpectra). num_channels: the first mixture channels to
-    render (None = all; 1 for the 1-channel tagger); return_sources: render dry targets. render=False: items carry
-    the prepared scene under 'scene' instead of 'mixture' / 'dry_sources', for BatchRenderer.
+    data_root: the dev-set folder; split: the folders the scenes draw from ('train'; the demo's validation and
+    test mixtures use 'valid'). spectrum_cache_dir: optional folder where RIR spectra are stored once and shared
+    by all workers and runs (10 MB per RIR position for 4 x 174763 taps; see RirSpectra). num_channels: the first
+    mixture channels to render (None = all; 1 for the 1-channel tagger); return_sources: render dry targets.
+    render=False: items carry the prepared scene under 'scene' instead of 'mixture' / 'dry_sources', for
+    BatchRenderer.
     """
 
     def __init__(self, data_root, scene=None, length=1000, seed=0, label_vector_mode="stack",
-                 silence_label_mode="zeros", return_sources=True, split=None, spectrum_cache_dir=None,
+                 silence_label_mode="zeros", return_sources=True, split="train", spectrum_cache_dir=None,
                  num_channels=None, render=True):
         self.index = DataIndex(data_root, split)  # listed once here; workers receive a copy
         self.scene_config = scene if scene is not None else SceneConfig()
         self.generator = SceneGenerator(self.index, self.scene_config)
-        self.renderer = Renderer((".",), self.index.rooms, spectrum_cache_dir)
+        self.renderer = Renderer(data_root, self.index.rooms, spectrum_cache_dir)
         self.length, self.seed = length, seed
         self.modes = (label_vector_mode, silence_label_mode)
         self.return_sources, self.num_channels, self.render = return_sources, num_channels, render
@@ -1030,6 +1051,8 @@ def metadata_files(metadata_path):
     path = Path(metadata_path)
     if path.is_dir():
         files = sorted(path.glob("*.json"))
+    elif not path.is_file():
+        raise ValueError(f"{path}: not found (expected valid.json or a folder of metadata JSON files)")
     else:
         try:
             entries = json.loads(path.read_text())
@@ -1044,14 +1067,30 @@ def metadata_files(metadata_path):
     return files
 
 
+def find_dev_set(metadata_path):
+    """The dev set a metadata file or folder lies in: its nearest ancestor holding sound_event/ and room_ir/
+    (DIR/metadata/valid.json -> DIR). Raises ValueError when there is none."""
+    path = Path(os.path.abspath(metadata_path))
+    for folder in (path, *path.parents):
+        if (folder / "sound_event").is_dir() and (folder / "room_ir").is_dir():
+            return folder
+    raise ValueError(f"{metadata_path}: lies in no dev set (no folder above it holds sound_event/ and room_ir/); "
+                     "name the dev set explicitly (data_root, --data_root)")
+
+
 class MetadataDataset(torch.utils.data.Dataset):
     """Mixtures rendered from SpAudSyn metadata JSON files; name = the JSON file stem (spectrum_cache_dir,
-    num_channels, render as in GeneratedDataset)."""
+    num_channels, render as in GeneratedDataset).
 
-    def __init__(self, metadata_path, data_root=".", label_vector_mode="stack", silence_label_mode="zeros",
+    data_root: the dev-set folder the metadata paths refer to (see Renderer); None = the dev set the metadata
+    lies in (find_dev_set).
+    """
+
+    def __init__(self, metadata_path, data_root=None, label_vector_mode="stack", silence_label_mode="zeros",
                  return_sources=True, spectrum_cache_dir=None, num_channels=None, render=True):
         self.files = metadata_files(metadata_path)
-        self.renderer = Renderer([data_root, *Path(metadata_path).resolve().parents], (), spectrum_cache_dir)
+        dev_set = data_root if data_root is not None else find_dev_set(metadata_path)
+        self.renderer = Renderer(dev_set, (), spectrum_cache_dir)
         self.modes = (label_vector_mode, silence_label_mode)
         self.return_sources, self.num_channels, self.render = return_sources, num_channels, render
 
@@ -1252,7 +1291,7 @@ def bench(config: BenchConfig):
         try:
             for label, megabytes, folder in ((f"memory cache {spectrum_cache_megabytes} MB", spectrum_cache_megabytes,
                                               None), ("disk cache (warm), memory 0 MB", 0, cache_dir)):
-                rendering.renderer = Renderer((".",), rendering.index.rooms, folder)
+                rendering.renderer = Renderer(config.data, rendering.index.rooms, folder)
                 saved, spectrum_cache_megabytes = spectrum_cache_megabytes, megabytes
                 if folder is not None:
                     for index in range(config.count):  # fills the disk cache with the positions the scenes use

@@ -4,23 +4,32 @@
     python train.py --task separation --preset demo          # demo separator
     python train.py --task separation --preset resunetk_capisdr --device cuda --dtype bf16
     torchrun --nproc_per_node=4 train.py --task tagging --preset m2dat_1c
-    python train.py --task tagging --preset m2dat_1c_2blks --init_from runs/tagging_m2dat_1c/best.pt
+    torchrun --nproc_per_node=4 train.py --task tagging --preset m2dat_1c_2blks \
+        --init_from runs/tagging_m2dat_1c/last.pt            # second stage: weights, AdamW state and lr 1e-3
     python train.py --out_dir runs/separation_demo --resume --max_steps 2000   # continue a run exactly
+    python train.py --task separation --preset demo --print_config   # the values a run would use, and their origin
     python train.py --help                                   # every knob, generated from the dataclasses
 
 Configuration precedence: dataclass defaults < --preset (default: the task's official 2026 recipe) <
 --config run/config.json (with --resume: the run's own config.json) < command-line flags. The run folder gets
-config.json (the resolved configuration), log.jsonl (one JSON line per log step and validation), last.pt and
-best.pt (lowest validation loss); both checkpoints load with model.load_tagger / model.load_separator.
+config.json (the resolved configuration), log.jsonl (one JSON line per log step and validation), last.pt (the
+full training state) and best.pt (the weights of the lowest validation loss); both load with
+model.load_tagger / model.load_separator.
 
-Differences from the official Lightning recipe, on purpose:
+The global batch is split as batch_size x world size x accumulation: the per-device batch is the largest one,
+at most --batch_size, that divides global_batch / world_size (exactly --batch_size when given on the command
+line), so a preset runs unchanged under any number of processes that divides its global batch.
+
+SIGINT, SIGTERM and SIGHUP ask for a stop: every rank finishes its step (or its validation batch), rank 0 writes
+last.pt, and all ranks exit with status 0. The same signal arriving again within REPEAT_SIGNAL_SECONDS is the
+same request (torchrun forwards what it receives, and cluster schedulers signal every process); a later second
+Ctrl-C aborts at once.
+
+Differences from the official Lightning recipe, on purpose (the README lists all of them):
 * Training length is counted in optimizer steps and the scene stream is endless: scene number
   ((step * accumulation + micro_step) * world_size + rank) * batch_size + item, each a pure function of
   (seed, number). This is what makes --resume exact; the official epochs of `dataset_length` generated scenes
   map to `eval_interval` = dataset_length / global_batch steps.
-* --init_from loads weights only (fresh AdamW state, the configured lr). The official 2-blocks stage was
-  started with Lightning's `-r`, which also restored the head stage's optimizer state and with it lr 1e-3 and
-  the AMSGrad moments (SPEC 7.4); to get closer to that, pass --lr 1e-3 as well.
 * Parameters that never receive a gradient (the separator's decoder beta2 FiLM layers and decoder bn2) are
   found once with a probe pass and frozen, instead of paying find_unused_parameters on every step.
 * SyncBatchNorm needs CUDA; CPU runs under torchrun keep per-rank BatchNorm statistics.
@@ -31,13 +40,13 @@ Differences from the official Lightning recipe, on purpose:
 """
 import argparse
 import dataclasses
-import difflib
+import gc
 import json
 import math
 import os
+import pickle
 import random
 import resource
-import shutil
 import signal
 import subprocess
 import sys
@@ -51,10 +60,11 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
-from cli import add_config_flags
+from cli import add_config_flags, unknown_flags_message
 from metrics import (binary_cross_entropy, capi_sdri, class_aware_pit_snr_loss, label_accuracies, label_counts,
                      masked_snr_loss, pit_cross_entropy, snr, snr_loss)
-from model import SeparatorConfig, TaggerConfig, build_separator, build_tagger, load_separator, load_tagger
+from model import (OFFICIAL_PREFIXES, SeparatorConfig, TaggerConfig, build_separator, build_tagger,
+                   remap_official_state_dict)
 from synth import (LABELS, SAMPLE_RATE, BatchRenderer, GeneratedDataset, MetadataDataset, SceneConfig, collate,
                    keep_heap_memory, spectra_megabytes)
 
@@ -65,8 +75,17 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 CPU_HEAP_KEEP_MEGABYTES = 2047  # freed memory a CPU training process keeps for the next step (synth.keep_heap_memory)
 M2D_WEIGHTS = "checkpoint/m2d_as_vit_base-80x1001p16x16p32k-240413_AS-FT_enconly/weights_ep69it3124-0.47998.pth"
 VALID_MEMORY_BYTES = 2 * 2**30  # per rank: a larger rendered validation set goes to files in the run folder
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)  # each asks for a stop after the current step
+REPEAT_SIGNAL_SECONDS = 5.0  # a signal repeated within this time is the same stop request, not an abort
+STATUS_READ_SECONDS = 2.0  # longest wall time between two reads of the step status (loss, stop request)
+# Model fields that do not change the weights' layout: which parameters train, and where the first weights came from.
+TRAINING_ONLY_MODEL_FIELDS = ("finetuning", "m2d_weights")
+# Frozen parameters of the official separator (torchlibrosa's STFT / ISTFT kernels) that ours computes with
+# torch.stft instead: they hold a place in the official optimizer's parameter list but never any state.
+OFFICIAL_ONLY_PARAMETERS = {"base.stft.conv_real.weight", "base.stft.conv_imag.weight", "base.istft.conv_real.weight",
+                            "base.istft.conv_imag.weight"}
 DATA_HINT = ("Create the small demo set with `python data_prep.py demo` (writes data/dev_set), or check a full "
-             "development set with `python data_prep.py verify --data DIR`.")
+             "development set with `python data_prep.py verify --data DIR` and pass it as --data_root DIR.")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -78,10 +97,12 @@ class TrainConfig:
     loss: str = "auto"  # 'auto' (the model's official loss) or a name from LOSSES, e.g. 'snr_masked' (2025)
     data_root: str = "data/dev_set"  # dev_set folder: sound_event/, interference/, noise/, room_ir/, metadata/
     out_dir: str = ""  # run folder; '' = runs/<task>_<preset>
-    init_from: str = ""  # checkpoint whose model weights start the run (weights only, ours or official)
+    init_from: str = ""  # checkpoint whose model weights start the run (ours or an official Lightning .ckpt)
+    init_optimizer: bool = False  # also take the AdamW state and its lr from --init_from (unless --lr is given)
+    init_non_strict: bool = False  # --init_from: load the tensors whose name and shape match, list the others
     seed: int = 0  # seeds the model initialisation and the scene stream
     max_steps: int = 200_000  # optimizer steps (official separator: unlimited epochs of 632 steps)
-    batch_size: int = 4  # mixtures per device and micro-step
+    batch_size: int = 4  # largest mixtures per device and micro-step (exactly this when given as a flag)
     global_batch: int = 16  # mixtures per optimizer step over all devices; sets the gradient accumulation
     lr: float = 1e-4  # peak learning rate
     lr_schedule: str = "constant"  # 'constant' (official) or 'cosine' (decay to min_lr at max_steps)
@@ -90,7 +111,7 @@ class TrainConfig:
     weight_decay: float = 0.0  # AdamW decoupled weight decay (official 0)
     grad_clip: float = 0.5  # max 2-norm of all gradients (0 = no clipping; the norm is logged anyway)
     dtype: str = "fp32"  # autocast precision: 'fp32' (official), 'bf16' or 'fp16' (with a GradScaler)
-    tf32: bool = True  # TF32 matmuls and convolutions on Ampere+ GPUs (torch enables it for cuDNN convs by default)
+    tf32: bool = False  # TF32 matmuls on Ampere+ GPUs (off: torch's default; cuDNN convolutions use TF32 either way)
     compile: bool = False  # torch.compile the training forward
     device: str = "auto"  # 'cpu', 'cuda' or 'auto' (cuda when available)
     num_workers: int = -1  # DataLoader processes per rank that read scenes (-1 = CPU cores per local rank - 1, >= 1)
@@ -108,11 +129,14 @@ class TrainConfig:
 SECTIONS = {"train": TrainConfig, "tagger": TaggerConfig, "separator": SeparatorConfig, "scene": SceneConfig}
 MODEL_SECTION = {"tagging": "tagger", "separation": "separator"}
 
-# Official recipes (SPEC 7.4). global_batch = GPUs x batch/GPU; eval_interval = dataset_length / global_batch,
-# i.e. one validation per official epoch; max_steps = max_epochs x eval_interval where the official run was
-# bounded, otherwise a generous budget (the official runs were stopped by hand).
+# Official recipes (the official config/*.yaml; 4 GPUs for 2026). global_batch = GPUs x batch/GPU; eval_interval =
+# dataset_length / global_batch, i.e. one validation per official epoch; max_steps = max_epochs x eval_interval
+# where the official run was bounded, otherwise a generous budget (the official runs were stopped by hand).
+# The second tagger stage keeps the yaml's lr 1e-5, but the official run was resumed with Lightning's `-r` from the
+# head stage, which restored that stage's AdamW state and its lr 1e-3: init_optimizer does the same.
 TAGGER_2026 = dict(batch_size=32, global_batch=128, lr=1e-3, eval_interval=196, eval_batch_size=16)
-TAGGER_2BLKS = dict(batch_size=32, global_batch=128, lr=1e-5, max_steps=5000, eval_interval=5, eval_batch_size=16)
+TAGGER_2BLKS = dict(batch_size=32, global_batch=128, lr=1e-5, init_optimizer=True, max_steps=5000, eval_interval=5,
+                    eval_batch_size=16)
 SCENE_2025 = dict(ref_db=-50.0, nevent_range=(1, 3), dupse_rate=0.0, interference_range=(1, 2))
 PRESETS = {
     "m2dat_1c": {"tagging": dict(train=dict(TAGGER_2026, max_steps=300 * 196),
@@ -154,11 +178,17 @@ OFFICIAL_PRESET = {"tagging": "m2dat_1c", "separation": "resunetk_capisdr"}
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     allow_abbrev=False)
-    parser.add_argument("--preset", help=f"named recipe: {', '.join(PRESETS)} (default: the task's official one)")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False,
+        epilog="The defaults shown above are the code defaults (the dataclass fields). A preset (by default the "
+               "task's official recipe) overrides them, --config overrides the preset and flags override all; "
+               "--print_config shows the values a run would use and where each one comes from.")
+    parser.add_argument("--preset", help=f"named recipe: {', '.join(PRESETS)} (default: the task's official one); "
+                                         "it overrides the code defaults shown below")
     parser.add_argument("--config", help="a run's config.json; its values override the preset")
     parser.add_argument("--resume", action="store_true", help="continue the run in --out_dir from its last.pt")
+    parser.add_argument("--print_config", action="store_true",
+                        help="print the resolved configuration with the origin of each value, then exit")
     for section, cls in SECTIONS.items():
         # TrainConfig fields are plain flags (--lr); the others carry their section (--separator.base_channels).
         group = parser.add_argument_group(cls.__name__ if section == "train" else
@@ -168,12 +198,23 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def merge_section(values: dict, overrides: dict, section: str, origin: str) -> None:
-    """Apply overrides to one section's values in place; unknown keys are errors naming the valid ones."""
+def merge_section(values: dict, overrides: dict, section: str, origin: str, origins: dict) -> None:
+    """Apply overrides to one section's values in place and note their origin; unknown keys are errors naming the
+    valid ones."""
     for key, value in overrides.items():
         if key not in values:
             raise SystemExit(f"{origin}: unknown key {section}.{key}; valid keys: {', '.join(values)}")
         values[key] = tuple(value) if isinstance(values[key], tuple) and isinstance(value, list) else value
+        origins[key] = origin
+
+
+def format_flag(name: str, value) -> str:
+    """A value as the command-line flag that sets it: --lr 0.001, --no-tf32, --scene.snr_range 5.0 20.0."""
+    if isinstance(value, bool):
+        return f"--{name}" if value else f"--no-{name}"
+    if isinstance(value, (tuple, list)):
+        return f"--{name} {' '.join(str(item) for item in value)}"
+    return f"--{name} {value if value != '' else repr(value)}"
 
 
 def resolve_config(argv=None) -> tuple[argparse.Namespace, TrainConfig, object, SceneConfig, str]:
@@ -181,10 +222,7 @@ def resolve_config(argv=None) -> tuple[argparse.Namespace, TrainConfig, object, 
     parser = build_parser()
     cli, unknown = parser.parse_known_args(argv)
     if unknown:
-        valid = sorted(action.option_strings[0] for action in parser._actions if action.option_strings)
-        hints = [f"{flag} (did you mean {', '.join(difflib.get_close_matches(flag.split('=')[0], valid, 3))}?)"
-                 for flag in unknown if flag.startswith("-")]
-        raise SystemExit(f"unknown arguments: {', '.join(hints or unknown)}\nvalid flags: {' '.join(valid)}")
+        raise SystemExit(unknown_flags_message(unknown, parser))
     flags = {section: {} for section in SECTIONS}
     for dest, value in vars(cli).items():
         if "." in dest:
@@ -200,7 +238,8 @@ def resolve_config(argv=None) -> tuple[argparse.Namespace, TrainConfig, object, 
         try:
             file_values = json.loads(Path(config_path).read_text())
         except (OSError, json.JSONDecodeError) as error:
-            raise SystemExit(f"--config {config_path}: cannot read a JSON run configuration ({error})")
+            raise SystemExit(f"{'--config' if cli.config else '--resume'} {config_path}: cannot read a JSON run "
+                             f"configuration ({error})")
         unknown_sections = set(file_values) - set(SECTIONS) - {"preset"}
         if unknown_sections:
             raise SystemExit(f"{config_path}: unknown sections {sorted(unknown_sections)}; valid: preset, "
@@ -211,8 +250,10 @@ def resolve_config(argv=None) -> tuple[argparse.Namespace, TrainConfig, object, 
     task = flags["train"].get("task") or file_values.get("train", {}).get("task")
     if preset_name is not None and preset_name not in PRESETS:
         raise SystemExit(f"unknown preset {preset_name!r}; valid presets: {', '.join(PRESETS)}")
+    task_origin = "flags" if flags["train"].get("task") else config_path
     if task is None:
         task = next(iter(PRESETS[preset_name])) if preset_name and len(PRESETS[preset_name]) == 1 else "separation"
+        task_origin = f"preset {preset_name}" if preset_name else "default"
     if task not in TASKS:
         raise SystemExit(f"unknown --task {task!r}; valid tasks: {', '.join(TASKS)}")
     preset_name = preset_name or OFFICIAL_PRESET[task]
@@ -224,23 +265,43 @@ def resolve_config(argv=None) -> tuple[argparse.Namespace, TrainConfig, object, 
         if section in MODEL_SECTION.values() and section != model_section and (flags[section]
                                                                                  or file_values.get(section)):
             raise SystemExit(f"--{section}.* settings do not apply to --task {task}")
+    if cli.resume:  # the weights in last.pt fit the run's own model configuration: flags may only repeat it
+        saved = dataclasses.asdict(SECTIONS[model_section]()) | file_values.get(model_section, {})
+        changed = [key for key, value in flags[model_section].items()
+                   if json.dumps(value) != json.dumps(saved.get(key))]  # JSON: tuples and lists compare equal
+        if changed:
+            raise SystemExit(f"--resume keeps the model of the run in {config_path}, which has "
+                             f"{', '.join(f'{model_section}.{key} {saved.get(key)}' for key in changed)}; remove "
+                             f"{', '.join(f'--{model_section}.{key}' for key in changed)}")
 
     values = {section: dataclasses.asdict(cls()) for section, cls in SECTIONS.items()}
+    origins = {section: dict.fromkeys(values[section], "default") for section in SECTIONS}
     for origin, layer in ((f"preset {preset_name}", PRESETS[preset_name][task]), (config_path, file_values),
                           ("flags", flags)):
         for section, overrides in layer.items():
             if section in SECTIONS:
-                merge_section(values[section], overrides, section, origin)
-    values["train"]["task"] = task
+                merge_section(values[section], overrides, section, origin, origins[section])
+    values["train"]["task"], origins["train"]["task"] = task, task_origin
     if not values["train"]["out_dir"]:
         values["train"]["out_dir"] = f"runs/{task}_{preset_name}"
+        origins["train"]["out_dir"] = "runs/<task>_<preset>"
     try:
         train = TrainConfig(**values["train"])
         model = SECTIONS[model_section](**values[model_section])
         scene = SceneConfig(**values["scene"])
     except (TypeError, ValueError) as error:
         raise SystemExit(f"invalid configuration: {error}")
+    if cli.print_config:
+        if train.init_optimizer and origins["train"]["lr"] != "flags":
+            origins["train"]["lr"] += ", replaced by the lr saved in --init_from (--init_optimizer)"
+        print(f"task {task}, preset {preset_name}: the values of this run (defaults < preset < --config < flags)")
+        for section in ("train", model_section, "scene"):
+            for key, value in values[section].items():
+                name = key if section == "train" else f"{section}.{key}"
+                print(f"  {format_flag(name, value):<56} {origins[section][key]}")
     check_train_config(train, model)
+    if cli.print_config:
+        raise SystemExit(0)
     return cli, train, model, scene, preset_name
 
 
@@ -260,6 +321,12 @@ def check_train_config(config: TrainConfig, model_config) -> None:
         raise SystemExit(f"--rir_cache_megabytes must be at least 0, got {config.rir_cache_megabytes}")
     if config.task == "separation" and resolve_loss(config, model_config) == "snr" and model_config.num_slots != 1:
         raise SystemExit("--loss snr trains a single-query separator: set --separator.num_slots 1")
+    if config.init_optimizer and not config.init_from:
+        raise SystemExit("--init_optimizer (on in the *_2blks presets) continues the optimizer of an earlier stage: "
+                         "pass --init_from with that run's last.pt (e.g. runs/tagging_m2dat_1c/last.pt), or "
+                         "--no-init_optimizer to start with a fresh optimizer")
+    if config.init_non_strict and not config.init_from:
+        raise SystemExit("--init_non_strict applies to --init_from, which is not set")
 
 
 def resolve_loss(config: TrainConfig, model_config) -> str:
@@ -283,23 +350,35 @@ def setup_distributed(device_name: str) -> tuple[int, int, int, torch.device]:
     device = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
     if use_cuda:
         torch.cuda.set_device(device)
-    if world_size > 1:
-        dist.init_process_group(backend="nccl" if use_cuda else "gloo", rank=rank, world_size=world_size)
+    if world_size > 1:  # device_id binds NCCL to this rank's GPU at once instead of at the first collective
+        dist.init_process_group(backend="nccl" if use_cuda else "gloo", rank=rank, world_size=world_size,
+                                device_id=device if use_cuda else None)
     return rank, local_rank, world_size, device
 
 
 def check_data_root(root: Path, scene: SceneConfig) -> None:
-    """Fail early, with the commands that fix it, when the data root lacks what training reads."""
-    problems = [f"{root / name} is missing" for name in ("sound_event", "noise", "room_ir", "metadata/valid.json")
-                if not (root / name).exists()]
-    if max(scene.interference_range) > 0 and not (root / "interference").is_dir():
-        problems.append(f"{root / 'interference'} is missing (scene.interference_range {scene.interference_range})")
+    """Fail early, with the commands that fix it, when the dev set lacks what training reads: the train folders of
+    the official layout (sound_event/train/<Label>, noise/train, room_ir/train/*.sofa, interference/train) and
+    metadata/valid.json."""
+    needed = ["sound_event/train", "noise/train", "room_ir/train", "metadata/valid.json"]
+    if max(scene.interference_range) > 0:
+        needed.append("interference/train")
+    problems = []
+    for name in needed:
+        if not (root / name).exists():
+            unsplit = name.endswith("/train") and (root / name.split("/")[0]).is_dir()
+            problems.append(f"{root / name} is missing" + (" (the official layout splits each source folder into "
+                                                           "train/ and valid/)" if unsplit else ""))
     if not problems:
-        if not any((root / "room_ir").glob("*.sofa")):
-            problems.append(f"{root / 'room_ir'} holds no .sofa room files")
-        missing = [label for label in LABELS if not (root / "sound_event" / label).is_dir()]
+        if not any((root / "room_ir" / "train").rglob("*.sofa")):
+            problems.append(f"{root / 'room_ir/train'} holds no .sofa room files")
+        missing = [label for label in LABELS if not (root / "sound_event" / "train" / label).is_dir()]
         if missing:
-            problems.append(f"{root / 'sound_event'} lacks the class folders {', '.join(missing)}")
+            problems.append(f"{root / 'sound_event/train'} lacks the class folders {', '.join(missing)}")
+        if max(scene.interference_range) > 0 and not any(path.is_dir() for path in
+                                                         (root / "interference" / "train").iterdir()):
+            problems.append(f"{root / 'interference/train'} holds no class folders (scene.interference_range "
+                            f"{scene.interference_range}; `python data_prep.py add-data` adds them)")
         try:
             entries = json.loads((root / "metadata" / "valid.json").read_text())
             assert isinstance(entries, list) and entries
@@ -413,8 +492,11 @@ def compute_loss(model, batch: dict, loss_name: str, generator: torch.Generator 
     """(loss, model output) of one batch; the loss is a float64 scalar (metrics.py computes it in float64).
 
     For the 2025 single-query ResUNet ('snr'), training picks one non-silent slot per mixture at random from
-    `generator` (SPEC 4.4); validation (generator None) scores every non-silent slot instead.
+    `generator` (the official 2025 one-label training); validation (generator None) scores every non-silent slot
+    instead.
     """
+    if loss_name not in sum(LOSSES.values(), ()):
+        raise ValueError(f"unknown loss {loss_name!r}; expected one of {', '.join(sum(LOSSES.values(), ()))}")
     mixture = batch["mixture"]  # (B, 4, L)
     if loss_name == "pit_cross_entropy":
         logits = model(mixture).float()  # (B, 3, 19)
@@ -491,10 +573,12 @@ class ValidationSet:
 
 
 @torch.no_grad()
-def validate(model, loader, config: TrainConfig, loss_name: str, device, autocast, world_size: int) -> dict:
+def validate(model, loader, config: TrainConfig, loss_name: str, device, autocast, world_size: int,
+             stop=None) -> dict:
     """Validation loss over this rank's share of valid.json, plus CAPI-SDRi with oracle labels (separation) or
     the label accuracies (tagging; the labels come from the logits of the loss, by the tagger's predict rule); the
-    per-mixture records of all ranks are gathered before averaging."""
+    per-mixture records of all ranks are gathered before averaging. A stop request (StopRequest) ends it after the
+    current batch: the result then covers fewer mixtures."""
     model.eval()
     records = []  # (loss, mixtures) per batch and per-mixture scores
     scores = []
@@ -510,6 +594,8 @@ def validate(model, loader, config: TrainConfig, loss_name: str, device, autocas
             else:
                 scores.append(capi_sdri(labels, estimated[b].cpu(), labels, batch["dry_sources"][b, :, 0].cpu(),
                                         batch["mixture"][b, 0].cpu()))
+        if stop is not None and stop.requested:
+            break
     model.train()
     if world_size > 1:
         gathered = [None] * world_size
@@ -527,9 +613,14 @@ def validate(model, loader, config: TrainConfig, loss_name: str, device, autocas
 
 
 def code_version() -> str:
+    """Short git hash of the code, '<hash>-dirty' when tracked files have uncommitted changes, or 'unknown'."""
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], capture_output=True, text=True, timeout=5,
+                              cwd=Path(__file__).resolve().parent).stdout.strip()
     try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5,
-                              cwd=Path(__file__).resolve().parent).stdout.strip() or "unknown"
+        commit = git("rev-parse", "--short", "HEAD")
+        return commit + ("-dirty" if git("status", "--porcelain", "--untracked-files=no") else "") if commit \
+            else "unknown"
     except (OSError, subprocess.SubprocessError):
         return "unknown"
 
@@ -566,20 +657,344 @@ def format_seconds(seconds: float) -> str:
 
 
 # ----------------------------------------------------------------------------------------------------------
+# Helpers: batch split, checkpoints and initial weights, stop requests, step status
+# ----------------------------------------------------------------------------------------------------------
+def split_batch(global_batch: int, world_size: int, batch_size: int, exact: bool) -> tuple[int, int]:
+    """(per-device batch, accumulation steps) with per-device batch x world size x accumulation = global batch.
+
+    The per-device batch is the largest divisor of global_batch / world_size that is at most `batch_size`
+    (fewest accumulation steps, largest BatchNorm batch), or exactly `batch_size` when `exact`. Errors name the
+    nearest values that work."""
+    per_device, remainder = divmod(global_batch, world_size)
+    if remainder or not per_device:
+        lower = global_batch // world_size * world_size
+        options = " or ".join(str(value) for value in (lower, lower + world_size) if value > 0)
+        raise SystemExit(f"--global_batch {global_batch} cannot be split over world size {world_size}: use "
+                         f"--global_batch {options} (a multiple of the world size)")
+    divisors = [value for value in range(1, per_device + 1) if per_device % value == 0]
+    if not exact:
+        batch_size = max(value for value in divisors if value <= batch_size)
+    elif batch_size not in divisors:
+        options = " or ".join(str(value) for value in ([max(d for d in divisors if d < batch_size)] +
+                                                         [d for d in divisors if d > batch_size][:1]))
+        raise SystemExit(f"--batch_size {batch_size} does not divide the {per_device} mixtures per device "
+                         f"(--global_batch {global_batch} / world size {world_size}): use --batch_size {options}, "
+                         "or leave --batch_size out to derive it")
+    return batch_size, per_device // batch_size
+
+
+def compact_names(names: list[str], shown: int = 3) -> str:
+    return f"{len(names)} ({', '.join(names[:shown])}{', ...' if len(names) > shown else ''})"
+
+
+def config_differences(saved: dict, current, section: str) -> str:
+    """'' when a checkpoint's model configuration gives weights of the same layout as this run's, otherwise one
+    line such as 'checkpoint has separator.base_channels 8, this run 16' naming every field that differs."""
+    current = dataclasses.asdict(current)
+
+    def plain(value):  # configurations read back from JSON hold lists where the dataclass holds tuples
+        return list(value) if isinstance(value, tuple) else value
+    keys = [key for key in [*current, *(key for key in saved if key not in current)]
+            if key not in TRAINING_ONLY_MODEL_FIELDS and plain(saved.get(key)) != plain(current.get(key))]
+    if not keys:
+        return ""
+    return (f"checkpoint has {' and '.join(f'{section}.{key} {saved.get(key)}' for key in keys)}, this run "
+            f"{' and '.join(str(current.get(key)) for key in keys)}")
+
+
+def load_weights(model: torch.nn.Module, weights: dict, source: str, non_strict: bool, say) -> None:
+    """Load a state dict. Strict: a missing, unexpected or differently shaped tensor is a one-line error.
+    Non-strict: the tensors whose name and shape match are loaded, the others listed in one line."""
+    own = model.state_dict()
+    reshaped = [f"{key} {list(weights[key].shape)} in the checkpoint, {list(own[key].shape)} here"
+                for key in weights if key in own and weights[key].shape != own[key].shape]
+    problems = "; ".join(f"{label} {compact_names(keys)}" for label, keys in (
+        ("missing", [key for key in own if key not in weights]),
+        ("unexpected", [key for key in weights if key not in own]), ("other shape", reshaped)) if keys)
+    if problems and not non_strict:
+        raise SystemExit(f"{source}: the weights do not fit this model: {problems}"
+                         f"{'; --init_non_strict loads the matching tensors only' if 'init_from' in source else ''}")
+    matching = {key: value for key, value in weights.items() if key in own and value.shape == own[key].shape}
+    model.load_state_dict(matching, strict=False)
+    if problems:
+        say(f"--init_non_strict: loaded {len(matching)} of {len(own)} tensors from {source}; {problems}")
+
+
+def read_initial_checkpoint(path: str, kind: str, model: torch.nn.Module) -> tuple:
+    """--init_from file -> (its model configuration, or None for an official checkpoint; weights with our key
+    names; optimizer state dict or None; the names of the parameters in that optimizer's order or None).
+
+    An official Lightning checkpoint's optimizer held all parameters of the official module in order, which are
+    the parameter keys of its state_dict in order (buffers never enter an optimizer)."""
+    source = f"--init_from {path}"
+    if not Path(path).is_file():
+        raise SystemExit(f"{source}: file not found")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=False)  # trusted files; Lightning pickles
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, AttributeError, ModuleNotFoundError) as error:
+        raise SystemExit(f"{source}: cannot read it as a checkpoint ({type(error).__name__}: {error})")
+    if isinstance(checkpoint, dict) and "kind" in checkpoint:
+        if checkpoint["kind"] != kind:
+            raise SystemExit(f"{source}: this is a {checkpoint['kind']} checkpoint, this run trains a {kind}")
+        return (checkpoint["model_config"], checkpoint["model"], checkpoint.get("optimizer"),
+                checkpoint.get("parameter_names"))
+    if not (isinstance(checkpoint, dict) and isinstance(checkpoint.get("state_dict"), dict)):
+        raise SystemExit(f"{source}: neither a nanoS5 checkpoint nor a Lightning checkpoint with a state_dict")
+    official = checkpoint["state_dict"]
+    try:
+        weights = remap_official_state_dict(official, kind, path)
+    except ValueError as error:
+        raise SystemExit(f"--init_from {error}")
+    parameters = {name for name, _ in model.named_parameters()} | OFFICIAL_ONLY_PARAMETERS
+    names = [next((new + key[len(old):] for old, new in OFFICIAL_PREFIXES[kind] if key.startswith(old)), key)
+             for key in official]
+    return (None, weights, (checkpoint.get("optimizer_states") or [None])[0],
+            [name for name in names if name in parameters])
+
+
+def map_optimizer_state(saved: dict, saved_names: list[str], model: torch.nn.Module, path: str) -> dict:
+    """An optimizer state dict saved for the parameters `saved_names` (in that optimizer's order) -> the state
+    dict for this model's parameters (all in one group, as ours and the official), matched by name. Parameters
+    the saved optimizer never stepped (frozen before) start with no state, as AdamW's own first step does."""
+    groups = saved.get("param_groups", [])
+    if len(groups) != 1 or len(groups[0]["params"]) != len(saved_names):
+        raise SystemExit(f"--init_optimizer: the optimizer in {path} has {len(groups)} parameter groups over "
+                         f"{sum(len(group['params']) for group in groups)} parameters; expected one group over the "
+                         f"{len(saved_names)} parameters of its model")
+    own = dict(model.named_parameters())
+    position = {name: index for index, name in enumerate(own)}
+    state = {}
+    for saved_id, name in zip(groups[0]["params"], saved_names):
+        entry = saved["state"].get(saved_id)
+        if entry is None or name not in own:
+            continue
+        shapes = {tuple(value.shape) for value in entry.values() if torch.is_tensor(value) and value.dim()}
+        if shapes - {tuple(own[name].shape)}:
+            raise SystemExit(f"--init_optimizer: the optimizer state of {name} in {path} has shape "
+                             f"{sorted(shapes)}, the parameter here {list(own[name].shape)}")
+        state[position[name]] = entry
+    return {"state": state, "param_groups": [dict(groups[0], params=list(range(len(own))))]}
+
+
+def load_optimizer_state(optimizer: torch.optim.Optimizer, saved: dict) -> None:
+    """Load the per-parameter state (moments, step counts) of a saved optimizer state dict. The group settings
+    (lr, betas, fused, ...) stay this optimizer's: torch's load_state_dict would replace them by the saved ones."""
+    groups = [dict(group, params=saved_group["params"])
+              for group, saved_group in zip(optimizer.state_dict()["param_groups"], saved["param_groups"])]
+    optimizer.load_state_dict({"state": saved["state"], "param_groups": groups})
+
+
+def setup_model(cli, config: TrainConfig, model_config, device: torch.device, world_size: int, say) -> tuple:
+    """Build the model, load last.pt (--resume) or --init_from, freeze what never gets a gradient, move it to the
+    device and build fused AdamW and the GradScaler with their saved state.
+
+    -> (config with the lr in force, model, optimizer, scaler, step, best validation loss, frozen names)."""
+    kind = MODEL_SECTION[config.task]
+    try:
+        model = build_tagger(model_config) if kind == "tagger" else build_separator(model_config)
+    except (OSError, ValueError) as error:
+        raise SystemExit(f"cannot build the {kind}: {error}\n(the official taggers start from the M2D weight file, "
+                         "see the README; --tagger.m2d_weights '' starts from random weights)")
+    checkpoint, optimizer_state = None, None
+    if cli.resume:
+        last_path = Path(config.out_dir) / "last.pt"
+        try:
+            checkpoint = torch.load(last_path, map_location="cpu", weights_only=False)
+        except (pickle.UnpicklingError, RuntimeError, EOFError, OSError) as error:
+            raise SystemExit(f"--resume {last_path}: cannot read it ({type(error).__name__}: {error})")
+        difference = config_differences(checkpoint["model_config"], model_config, kind)
+        if difference:
+            raise SystemExit(f"--resume {last_path}: {difference}")
+        load_weights(model, checkpoint["model"], f"--resume {last_path}", False, say)
+        optimizer_state = checkpoint["optimizer"]
+    elif config.init_from:
+        saved_config, weights, saved_optimizer, saved_names = read_initial_checkpoint(config.init_from, kind, model)
+        difference = config_differences(saved_config, model_config, kind) if saved_config is not None else ""
+        if difference:
+            raise SystemExit(f"--init_from {config.init_from}: {difference}")
+        load_weights(model, weights, f"--init_from {config.init_from}", config.init_non_strict, say)
+        if config.init_optimizer:
+            if saved_optimizer is None or saved_names is None:
+                raise SystemExit(f"--init_optimizer: {config.init_from} holds no optimizer state (best.pt keeps the "
+                                 "weights only): use the run's last.pt, or --no-init_optimizer")
+            optimizer_state = map_optimizer_state(saved_optimizer, saved_names, model, config.init_from)
+            saved_lr = saved_optimizer["param_groups"][0]["lr"]
+            given = "train.lr" in vars(cli)  # an --lr on the command line wins over the saved one
+            config = config if given else dataclasses.replace(config, lr=saved_lr)
+            say(f"--init_optimizer: AdamW state of {len(optimizer_state['state'])} parameter tensors and lr "
+                f"{saved_lr:g} from {config.init_from}{f'; --lr {config.lr:g} given, it wins' if given else ''}")
+    unused = freeze_unused_parameters(model, config.task)
+    model.to(device)
+    if world_size > 1 and device.type == "cuda":
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)  # official sync_batchnorm True
+    # One group over all parameters, frozen ones included, as the official: a saved state maps onto it one to one.
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, betas=(0.9, 0.999), eps=1e-8,
+                                  weight_decay=config.weight_decay, amsgrad=True, fused=True)
+    scaler = torch.amp.GradScaler(device.type, enabled=config.dtype == "fp16")
+    if optimizer_state is not None:
+        load_optimizer_state(optimizer, optimizer_state)
+    step, best_loss = 0, math.inf
+    if checkpoint is not None:
+        scaler.load_state_dict(checkpoint["scaler"])
+        step, best_loss = checkpoint["step"], checkpoint["best_metric"]
+        set_rng_states(checkpoint["rng"])  # after the probe pass of freeze_unused_parameters, which draws numbers
+    return config, model, optimizer, scaler, step, best_loss, unused
+
+
+def flatten_record(record: dict) -> dict:
+    """{'preset': 'demo', 'train': {'lr': 0.001}} -> {'preset': 'demo', 'train.lr': 0.001}"""
+    flat = {}
+    for section, values in record.items():
+        if isinstance(values, dict):
+            flat.update({f"{section}.{key}": value for key, value in values.items()})
+        else:
+            flat[section] = values
+    return flat
+
+
+def check_config_json(out_dir: Path, record: dict) -> None:
+    """A fresh run never writes into the folder of another run: an existing config.json must equal this run's
+    (re-running the same command before its first checkpoint is fine)."""
+    if not (out_dir / "config.json").is_file():
+        return
+    try:
+        old = flatten_record(json.loads((out_dir / "config.json").read_text()))
+    except (OSError, ValueError):
+        old = {"config.json": "unreadable"}
+    new = flatten_record(json.loads(json.dumps(record)))  # tuples -> lists, as read back from JSON
+    differences = [f"{key} {old.get(key)!r} there, {new.get(key)!r} here"
+                   for key in [*new, *(key for key in old if key not in new)] if old.get(key) != new.get(key)]
+    if differences:
+        raise SystemExit(f"{out_dir} already holds the config.json of another run ({'; '.join(differences[:3])}"
+                         f"{'; ...' if len(differences) > 3 else ''}); choose another --out_dir or delete it")
+
+
+class StopRequest:
+    """SIGINT, SIGTERM and SIGHUP as a request to stop after the current step, saving last.pt first.
+
+    torchrun forwards every signal it receives to each worker, and cluster schedulers (SLURM's scancel and time
+    limits) signal every process of the job, so a rank often receives the same request twice within
+    milliseconds: a signal within REPEAT_SIGNAL_SECONDS of the first one is the same request. A Ctrl-C after that
+    raises KeyboardInterrupt at once. The flag belongs to this process; ranks agree on it with `agreed` or
+    through StepStatus.
+    """
+
+    def __init__(self, announce: bool):
+        self.announce = announce  # rank 0 acknowledges the request on stderr the moment it arrives
+        self.signal_name, self.first_arrival = None, 0.0
+        self.pid = os.getpid()  # forked DataLoader workers inherit the handler; only this process stops
+
+    def install(self) -> None:
+        for signum in STOP_SIGNALS:
+            signal.signal(signum, self.handle)
+
+    def handle(self, signum: int, frame) -> None:
+        if os.getpid() != self.pid:
+            return
+        now = time.monotonic()
+        if self.signal_name is None:
+            self.signal_name, self.first_arrival = signal.Signals(signum).name, now
+            if self.announce:  # os.write, not print: the main thread may be inside a print right now
+                os.write(2, f"\n{self.signal_name}: stopping after this step (last.pt is saved first); Ctrl-C again "
+                            "to abort\n".encode())
+        elif signum == signal.SIGINT and now - self.first_arrival > REPEAT_SIGNAL_SECONDS:
+            raise KeyboardInterrupt
+
+    @property
+    def requested(self) -> bool:
+        return self.signal_name is not None
+
+    def agreed(self, device: torch.device, world_size: int) -> bool:
+        """True on every rank when any rank has a request. A collective: all ranks call it at the same point."""
+        flag = torch.tensor([float(self.requested)], device=device)
+        if world_size > 1:
+            dist.all_reduce(flag)
+        return flag.item() > 0
+
+
+class StepStatus:
+    """What every step must tell all ranks (mean loss, non-finite values, gradient norm, stop request), without a
+    host-device synchronisation per step.
+
+    The values are summed on the device and read on the host, all-reduced together with the stop request and
+    the step time, only at agreed steps: every log, checkpoint and validation step, and otherwise about every
+    STATUS_READ_SECONDS of wall time. Every rank computes the next read step from the same reduced timing, so
+    the ranks always read, and stop, at the same step. Checkpoints are written only right after a read, so a
+    step with a non-finite loss or gradient is never saved.
+    """
+
+    def __init__(self, config: TrainConfig, device: torch.device, world_size: int, step: int,
+                 check_gradients: bool):
+        self.config, self.device, self.world_size = config, device, world_size
+        self.check_gradients = check_gradients  # off under the fp16 GradScaler, which skips inf gradients itself
+        self.sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss, non-finite steps, gradient norm
+        self.steps, self.next_read, self.clock = 0, step + 1, time.perf_counter()
+
+    def add(self, loss: torch.Tensor, grad_norm: torch.Tensor) -> None:
+        """loss: this rank's mean loss of the step, grad_norm: the clipped gradients' norm (device scalars)."""
+        bad = ~torch.isfinite(loss) | (~torch.isfinite(grad_norm) if self.check_gradients else False)
+        self.sums += torch.stack([loss.double(), bad.double(), grad_norm.double()])
+        self.steps += 1
+
+    def due(self, step: int) -> bool:
+        config = self.config
+        return (step >= self.next_read or step == config.max_steps or
+                any(step % interval == 0 for interval in (config.log_interval, config.checkpoint_interval,
+                                                          config.eval_interval)))
+
+    def read(self, step: int, stop_requested: bool) -> dict:
+        """All-reduce and read the status (a collective). -> sums over the steps since the last read, averaged
+        over ranks: steps, loss, grad_norm, seconds; and non_finite, stop (True when on any rank)."""
+        host = torch.tensor([float(stop_requested), time.perf_counter() - self.clock], dtype=torch.float64)
+        status = torch.cat([self.sums, host.to(self.device)])
+        if self.world_size > 1:
+            dist.all_reduce(status)
+        loss, non_finite, grad_norm, stop, seconds = (value / self.world_size for value in status.tolist())
+        report = {"steps": self.steps, "loss": loss, "grad_norm": grad_norm, "seconds": seconds,
+                  "non_finite": non_finite > 0, "stop": stop > 0}
+        interval = int(STATUS_READ_SECONDS * self.steps / max(seconds, 1e-9))
+        self.next_read = step + max(1, min(self.config.log_interval, interval))
+        self.sums.zero_()
+        self.steps = 0
+        self.restart_clock()
+        return report
+
+    def restart_clock(self) -> None:
+        """Leave validation and checkpoint writing out of the step time."""
+        self.clock = time.perf_counter()
+
+
+def timed(iterable, totals: dict, key: str):
+    """Yield the items of iterable, adding the seconds spent waiting for each one to totals[key]."""
+    iterator = iter(iterable)
+    while True:
+        start = time.perf_counter()
+        try:
+            item = next(iterator)
+        except StopIteration:
+            return
+        totals[key] += time.perf_counter() - start
+        yield item
+
+
+# ----------------------------------------------------------------------------------------------------------
 # Main
 # ----------------------------------------------------------------------------------------------------------
 def main(argv=None) -> None:
     cli, config, model_config, scene, preset = resolve_config(argv)
     rank, local_rank, world_size, device = setup_distributed(config.device)
-    handlers = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
+    handlers = {signum: signal.getsignal(signum) for signum in STOP_SIGNALS}
     try:
         train(cli, config, model_config, scene, preset, rank, local_rank, world_size, device)
-        if world_size > 1:  # no rank tears the process group down while another still uses it
+        if world_size > 1:  # no rank exits, or tears the process group down, before rank 0 has saved
             dist.barrier()
     finally:
         for signum, handler in handlers.items():  # train() installs its own; a caller gets its handlers back
             signal.signal(signum, handler)
         if world_size > 1:
+            # DDP sits in reference cycles: free it (and the gloo work it holds) now, not during interpreter
+            # shutdown, where releasing that work can abort the process.
+            gc.collect()
             dist.destroy_process_group()
 
 
@@ -587,12 +1002,13 @@ def train(cli, config: TrainConfig, model_config, scene: SceneConfig, preset: st
           world_size: int, device: torch.device) -> None:
     master = rank == 0
     say = print if master else (lambda *args, **kwargs: None)
+    stop = StopRequest(announce=master)  # from here on a signal is a request to stop, agreed by all ranks
+    stop.install()
     tagging = config.task == "tagging"
     kind = MODEL_SECTION[config.task]  # 'tagger' or 'separator': checkpoint kind and config section
-    accumulation, remainder = divmod(config.global_batch, config.batch_size * world_size)
-    if remainder or not accumulation:
-        raise SystemExit(f"--global_batch {config.global_batch} must be a multiple of --batch_size "
-                         f"{config.batch_size} x world size {world_size} = {config.batch_size * world_size}")
+    batch_size, accumulation = split_batch(config.global_batch, world_size, config.batch_size,
+                                           exact="train.batch_size" in vars(cli))
+    config = dataclasses.replace(config, batch_size=batch_size)
     loss_name = resolve_loss(config, model_config)
     data_root, out_dir = Path(config.data_root), Path(config.out_dir)
     last_path, best_path, log_path = out_dir / "last.pt", out_dir / "best.pt", out_dir / "log.jsonl"
@@ -607,44 +1023,19 @@ def train(cli, config: TrainConfig, model_config, scene: SceneConfig, preset: st
             "M2D weights and a fresh head")
     if device.type == "cpu":  # keep freed activations mapped: page faults cost ~20 % of a CPU step
         keep_heap_memory(CPU_HEAP_KEEP_MEGABYTES)
-    torch.backends.cuda.matmul.allow_tf32 = config.tf32
-    torch.backends.cudnn.allow_tf32 = config.tf32
+    torch.set_float32_matmul_precision("high" if config.tf32 else "highest")  # 'highest' (no TF32) is torch's default
+    torch.backends.cudnn.benchmark = device.type == "cuda"  # fixed shapes: find the fastest convolutions once
     random.seed(config.seed + rank)
     np.random.seed(config.seed + rank)
     torch.manual_seed(config.seed)  # the same initial weights on every rank (DDP also broadcasts them)
 
-    # Model: build, load weights, freeze the parameters no gradient reaches, move, wrap.
-    try:
-        model = build_tagger(model_config) if tagging else build_separator(model_config)
-    except (OSError, ValueError) as error:
-        raise SystemExit(f"cannot build the {kind}: {error}\n(the official taggers start from the M2D weight file, "
-                         "see the README; --tagger.m2d_weights '' starts from random weights)")
-    if config.init_from and not cli.resume:
-        try:
-            source = (load_tagger if tagging else load_separator)(config.init_from)
-            model.load_state_dict(source.state_dict())
-        except (OSError, ValueError, RuntimeError) as error:
-            raise SystemExit(f"--init_from {config.init_from}: {error}")
-    checkpoint = torch.load(last_path, map_location="cpu", weights_only=False) if cli.resume else None
-    if checkpoint is not None:
-        model.load_state_dict(checkpoint["model"])
-    unused = freeze_unused_parameters(model, config.task)
-    model.to(device)
-    if world_size > 1 and device.type == "cuda":
-        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)  # official sync_batchnorm True
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, betas=(0.9, 0.999), eps=1e-8,
-                                  weight_decay=config.weight_decay, amsgrad=True)
-    scaler = torch.amp.GradScaler(device.type, enabled=config.dtype == "fp16")
-    step, best_loss = 0, math.inf
-    if checkpoint is not None:
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        scaler.load_state_dict(checkpoint["scaler"])
-        step, best_loss = checkpoint["step"], checkpoint["best_metric"]
-        set_rng_states(checkpoint["rng"])
-        del checkpoint
+    config, model, optimizer, scaler, step, best_loss, unused = setup_model(cli, config, model_config, device,
+                                                                             world_size, say)
     train_model = torch.compile(model) if config.compile else model
-    if world_size > 1:
-        train_model = DistributedDataParallel(train_model, device_ids=[local_rank] if device.type == "cuda" else None)
+    synced = world_size > 1 and device.type == "cuda"  # SyncBatchNorm: BatchNorm statistics over all ranks
+    if world_size > 1:  # under SyncBatchNorm the buffers are equal on all ranks: no broadcast before each forward
+        train_model = DistributedDataParallel(train_model, device_ids=[local_rank] if synced else None,
+                                              gradient_as_bucket_view=True, broadcast_buffers=not synced)
     trainable = [parameter for parameter in model.parameters() if parameter.requires_grad]
     autocast = torch.autocast(device.type, dtype=DTYPES[config.dtype], enabled=config.dtype != "fp32")
 
@@ -674,6 +1065,8 @@ def train(cli, config: TrainConfig, model_config, scene: SceneConfig, preset: st
     # Run folder, resolved configuration and start-up summary.
     record = {"preset": preset, "train": dataclasses.asdict(config), kind: dataclasses.asdict(model_config),
               "scene": dataclasses.asdict(scene)}
+    if not cli.resume:
+        check_config_json(out_dir, record)
     version = code_version()
     if master:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -681,7 +1074,7 @@ def train(cli, config: TrainConfig, model_config, scene: SceneConfig, preset: st
     total = sum(parameter.numel() for parameter in model.parameters())
     say(f"{config.task} | preset {preset} | loss {loss_name} | {kind} {total / 1e6:.2f} M parameters, "
         f"{sum(p.numel() for p in trainable) / 1e6:.2f} M trainable | device {device} x {world_size} | "
-        f"dtype {config.dtype}{' | compiled' if config.compile else ''}")
+        f"dtype {config.dtype}{' | TF32 matmuls' if config.tf32 else ''}{' | compiled' if config.compile else ''}")
     say(f"global batch {config.global_batch} = batch {config.batch_size} x world size {world_size} x "
         f"accumulation {accumulation} | steps {step} -> {config.max_steps} | {valid_count} validation mixtures | "
         f"out_dir {out_dir}")
@@ -695,58 +1088,62 @@ def train(cli, config: TrainConfig, model_config, scene: SceneConfig, preset: st
                                                                    "files in the training process)"))
     else:
         say(f"data: {workers} loader workers per rank read and render the scenes")
+    norm_batch = config.batch_size * (world_size if synced else 1)  # mixtures one BatchNorm layer sees at once
+    if norm_batch < config.global_batch:
+        say(f"warning: BatchNorm normalises over {norm_batch} mixtures ({'all ranks' if synced else 'per device'}), "
+            f"not over the global batch of {config.global_batch} as in the official runs (SyncBatchNorm over 4 "
+            "GPUs, no accumulation); see 'BatchNorm under accumulation' in the README")
     if unused:
         say(f"{len(unused)} parameter tensors never get a gradient and are frozen (no find_unused_parameters): "
             f"{', '.join(unused[:4])}{', ...' if len(unused) > 4 else ''}")
-    if world_size > 1 and device.type != "cuda":
-        say("note: SyncBatchNorm needs CUDA; on CPU each rank normalises with its own batch statistics")
 
     def log(entry: dict) -> None:
         if master:
             with open(log_path, "a") as file:
                 file.write(json.dumps(entry) + "\n")
 
-    def save(path: Path) -> None:
-        if master:
-            save_checkpoint(path, {
-                "kind": kind, "model_config": dataclasses.asdict(model_config), "model": model.state_dict(),
-                "config": record, "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "step": step,
-                "rng": rng_states(), "best_metric": best_loss, "code_version": version,
-                "torch_version": torch.__version__, "world_size": world_size})
+    def save(path: Path, full: bool) -> None:
+        """last.pt (full): everything --resume needs; best.pt: what evaluation and --init_from read."""
+        if not master:
+            return
+        state = {"kind": kind, "model_config": dataclasses.asdict(model_config), "model": model.state_dict(),
+                 "config": record, "step": step, "best_metric": best_loss, "code_version": version,
+                 "torch_version": torch.__version__, "world_size": world_size}
+        if full:
+            state |= {"optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "rng": rng_states(),
+                      "parameter_names": [name for name, _ in model.named_parameters()]}  # in the optimizer's order
+        save_checkpoint(path, state)
 
-    log({"event": "start", "step": step, "world_size": world_size, "accumulation": accumulation,
-         "device": str(device), "code_version": version, "torch_version": torch.__version__,
-         "python_version": sys.version.split()[0]})
+    log({"event": "start", "task": config.task, "preset": preset, "step": step, "world_size": world_size,
+         "batch_size": config.batch_size, "accumulation": accumulation, "device": str(device),
+         "code_version": version, "torch_version": torch.__version__, "python_version": sys.version.split()[0]})
+    if cli.resume:
+        scene_number = step * config.global_batch  # the first scene of step `step` (StepBatches numbering)
+        say(f"resumed from {last_path} at step {step}; the training scenes continue at scene {scene_number}")
+        log({"event": "resume", "path": str(last_path), "step": step, "scene": scene_number})
     if step >= config.max_steps:
         say(f"nothing to do: the run is at step {step} and --max_steps is {config.max_steps}")
         return
+    if stop.agreed(device, world_size):
+        say(f"stopped by {stop.signal_name or 'a signal on another rank'} during start-up: nothing was trained"
+            f"{f'; {last_path} still holds step {step}' if cli.resume else ''}")
+        return
 
-    # SIGTERM / SIGINT set a flag; all ranks agree on it at the end of a step, save last.pt and exit cleanly.
-    stop_request = []
-
-    def request_stop(signum, frame):
-        if stop_request:
-            raise KeyboardInterrupt  # a second signal interrupts at once
-        stop_request.append(signal.Signals(signum).name)
-
-    signal.signal(signal.SIGINT, request_stop)
-    signal.signal(signal.SIGTERM, request_stop)
-
-    # Training loop.
+    # Training loop. The step status (loss, non-finite values, stop request) stays on the device and is read by
+    # all ranks together only when status.due(step): see StepStatus.
     train_model.train()
-    batches = iter(train_loader)
-    window = {"steps": 0, "loss": 0.0, "grad_norm": 0.0, "seconds": 0.0, "wait": 0.0}
+    waits = {"data": 0.0}  # seconds the loop waited for batches
+    batches = timed(train_loader, waits, "data")
+    status = StepStatus(config, device, world_size, step, check_gradients=not scaler.is_enabled())
+    window = {"steps": 0, "loss": 0.0, "grad_norm": 0.0, "seconds": 0.0}
     saved_step = step if cli.resume else None
     while step < config.max_steps:
         lr = learning_rate(step, config)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        start = time.perf_counter()
         loss_sum = torch.zeros((), dtype=torch.float64, device=device)
         for micro_step in range(accumulation):
-            wait_start = time.perf_counter()
             batch = device_batch(next(batches))  # on the device, rendered
-            window["wait"] += time.perf_counter() - wait_start
             generator = None
             if loss_name == "snr":  # the 2025 single-query draw, a function of the scene number like the data
                 generator = torch.Generator().manual_seed(config.seed + sampler.first_index(step, micro_step))
@@ -756,64 +1153,63 @@ def train(cli, config: TrainConfig, model_config, scene: SceneConfig, preset: st
                     loss = compute_loss(train_model, batch, loss_name, generator)[0]
                 scaler.scale(loss / accumulation).backward()
             loss_sum += loss.detach()
-        # One small all-reduce per step: mean loss, non-finite flag and stop request agree on every rank.
-        status = torch.stack([loss_sum / accumulation, (~torch.isfinite(loss_sum)).double(),
-                              torch.tensor(float(bool(stop_request)), dtype=torch.float64, device=device)])
-        if world_size > 1:
-            dist.all_reduce(status)
-        step_loss, non_finite, stop = status.tolist()
-        if non_finite:
-            kept = f"the last good checkpoint {last_path} (step {saved_step}) is kept" if saved_step is not None \
-                else "no checkpoint was written yet"
-            raise SystemExit(f"step {step + 1}: the training loss is not finite; stopping ({kept}). Try a lower "
-                             "--lr, --dtype fp32, or check the data with `python data_prep.py verify`.")
         scaler.unscale_(optimizer)
         grad_norm = torch.nn.utils.clip_grad_norm_(trainable, config.grad_clip if config.grad_clip > 0 else math.inf)
         scaler.step(optimizer)
         scaler.update()
         optimizer.zero_grad(set_to_none=True)
         step += 1
-        window["steps"] += 1
-        window["loss"] += step_loss / world_size
-        window["grad_norm"] += grad_norm.item()
-        window["seconds"] += time.perf_counter() - start
+        status.add(loss_sum / accumulation, grad_norm)
+        if not status.due(step):
+            continue
 
-        if step % config.log_interval == 0 or step == config.max_steps or stop:
+        report = status.read(step, stop.requested)
+        if report["non_finite"]:
+            kept = f"the last good checkpoint {last_path} (step {saved_step}) is kept" if saved_step is not None \
+                else "no checkpoint was written yet"
+            raise SystemExit(f"steps {step - report['steps'] + 1}-{step}: the training loss or gradient is not "
+                             f"finite; stopping ({kept}). Try a lower --lr, --dtype fp32, or check the data with "
+                             "`python data_prep.py verify`.")
+        for key in ("steps", "loss", "grad_norm", "seconds"):
+            window[key] += report[key]
+        if step % config.log_interval == 0 or step == config.max_steps or report["stop"]:
             seconds_per_step = window["seconds"] / window["steps"]
             entry = {"event": "train", "step": step, "loss": window["loss"] / window["steps"], "lr": lr,
                      "grad_norm": window["grad_norm"] / window["steps"], "ms_per_step": 1000 * seconds_per_step,
                      "mixtures_per_s": config.global_batch / seconds_per_step,
-                     "data_wait": window["wait"] / window["seconds"], "memory_gb": memory_gb(device),
+                     "data_wait": min(1.0, waits["data"] / window["seconds"]), "memory_gb": memory_gb(device),
                      "eta_s": (config.max_steps - step) * seconds_per_step}
             say(f"step {step}/{config.max_steps} | loss {entry['loss']:.4f} | lr {lr:.2e} | grad norm "
                 f"{entry['grad_norm']:.3f} | {entry['ms_per_step']:.0f} ms/step | {entry['mixtures_per_s']:.3g} "
                 f"mix/s | data wait {100 * entry['data_wait']:.1f}% | mem {entry['memory_gb']:.2f} GB | "
                 f"eta {format_seconds(entry['eta_s'])}", flush=True)
             log(entry)
-            window = dict.fromkeys(window, 0.0) | {"steps": 0}
+            window, waits["data"] = dict.fromkeys(window, 0.0), 0.0
 
-        if stop:
-            save(last_path)
-            say(f"stopped by a signal at step {step}; wrote {last_path}. Continue with: python train.py "
-                f"--out_dir {out_dir} --resume", flush=True)
+        stopped = report["stop"]
+        if not stopped and (step % config.eval_interval == 0 or step == config.max_steps):
+            result = validate(model, valid_loader, config, loss_name, device, autocast, world_size, stop)
+            stopped = stop.agreed(device, world_size)  # a stop during validation ends it early on that rank
+            if result["mixtures"] == valid_count:
+                improved = result["loss"] < best_loss
+                best_loss = min(best_loss, result["loss"])
+                if improved:
+                    save(best_path, full=False)
+                metric = (f"CAPI-SDRi {result['capi_sdri']:.2f} dB" if not tagging else
+                          f"accuracy mixture {result['accuracy_mix']:.1f}% source {result['accuracy_src']:.1f}%")
+                say(f"validation step {step} | loss {result['loss']:.4f} | {metric} | {result['mixtures']} "
+                    f"mixtures{' | new best' if improved else ''}", flush=True)
+                log({"event": "valid", "step": step, **result, "best_loss": best_loss})
+            save(last_path, full=True)
+            saved_step = step
+        elif stopped or step % config.checkpoint_interval == 0:
+            save(last_path, full=True)
+            saved_step = step
+        if stopped:
+            say(f"stopped by {stop.signal_name or 'a signal on another rank'} at step {step}; wrote {last_path}. "
+                f"Continue with: python train.py --out_dir {out_dir} --resume", flush=True)
             return
-        if step % config.eval_interval == 0 or step == config.max_steps:
-            result = validate(model, valid_loader, config, loss_name, device, autocast, world_size)
-            improved = result["loss"] < best_loss
-            best_loss = min(best_loss, result["loss"])
-            save(last_path)
-            if improved and master:  # best.pt = this last.pt, copied and renamed atomically
-                shutil.copyfile(last_path, best_path.with_name(best_path.name + ".tmp"))
-                os.replace(best_path.with_name(best_path.name + ".tmp"), best_path)
-            saved_step = step
-            metric = (f"CAPI-SDRi {result['capi_sdri']:.2f} dB" if not tagging else
-                      f"accuracy mixture {result['accuracy_mix']:.1f}% source {result['accuracy_src']:.1f}%")
-            say(f"validation step {step} | loss {result['loss']:.4f} | {metric} | {result['mixtures']} mixtures"
-                f"{' | new best' if improved else ''}", flush=True)
-            log({"event": "valid", "step": step, **result, "best_loss": best_loss})
-        elif step % config.checkpoint_interval == 0:
-            save(last_path)
-            saved_step = step
+        status.restart_clock()
     say(f"done: {step} steps, best validation loss {best_loss:.4f}; checkpoints in {out_dir}")
 
 

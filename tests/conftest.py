@@ -1,7 +1,8 @@
 """Shared fixtures. `demo_dev_set`: a small procedural dev set (data_prep.make_demo) built once per session.
 
-Its metadata paths have the official form 'data/dev_set/...'; they resolve from the dev set's grandparent
-(demo_dev_set.parent.parent), which MetadataDataset also finds by itself from the metadata file's location.
+It lives in a temporary folder that is not named data/ (TMP/elsewhereN/dev_set), so its metadata paths, which
+have the official form 'data/dev_set/...', resolve only through the dev-set folder the code is given or finds
+from the metadata's location, never through the current directory.
 """
 import sys
 from pathlib import Path
@@ -15,6 +16,6 @@ import data_prep  # noqa: E402
 
 @pytest.fixture(scope="session")
 def demo_dev_set(tmp_path_factory):
-    """Path of a small demo dev_set: 18 classes x 3 files, 2 rooms, 4 validation and 4 test mixtures."""
+    """Path of a small demo dev_set: 18 classes x 3 train files, 2 + 1 rooms, 4 validation and 4 test mixtures."""
     config = data_prep.DemoConfig(files_per_class=3, num_rooms=2, rir_length=2048, num_valid=4, num_test=4)
-    return data_prep.make_demo(tmp_path_factory.mktemp("demo") / "data", config)
+    return data_prep.make_demo(tmp_path_factory.mktemp("elsewhere"), config)

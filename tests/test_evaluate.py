@@ -16,8 +16,11 @@ import pytest
 import soundfile
 import torch
 
+import data_prep
 import evaluate
+import metrics
 import model
+import synth
 from synth import LABELS, SAMPLE_RATE, SILENCE, parse_source_name, read_audio
 
 REPOSITORY = Path(__file__).resolve().parent.parent
@@ -108,9 +111,27 @@ def check_waveform_files(folder: Path, details: list[dict], subtype: str):
         assert (info.samplerate, info.channels, info.frames, info.subtype) == (SAMPLE_RATE, 1, LENGTH, subtype)
 
 
+def oracle_capi_sdri(checkpoints, data) -> float:
+    """Mean CAPI-SDRi of the separator queried with the reference labels, computed here file by file."""
+    separator = model.load_separator(str(checkpoints[1]))
+    values = []
+    for name, labels in SCENES.items():
+        mixture = torch.from_numpy(read_audio(data / "soundscape" / f"{name}.wav"))
+        labels = labels + [SILENCE] * (3 - len(labels))
+        references = torch.stack([torch.zeros(LENGTH) if label == SILENCE else torch.from_numpy(
+            read_audio(data / "oracle_target" / f"{name}_{slot}_{label}.wav"))[0] for slot, label in enumerate(labels)])
+        queries = torch.stack([synth.label_vector(labels)])  # (1, 3, 18)
+        with torch.no_grad():
+            estimates = separator(mixture[None], queries)[0]  # (3, L)
+        values.append(metrics.capi_sdri(labels, estimates, labels, references, mixture[0]))
+    scored = [value for value in values if value is not None]
+    return sum(scored) / len(scored)
+
+
 def test_inference_end_to_end(checkpoints, data, tmp_path, monkeypatch, capsys):
     out = tmp_path / "out"
-    result = run(*system_arguments(checkpoints, data), "--out", out, "--save_waveforms", "--batch_size", 3)
+    result = run(*system_arguments(checkpoints, data), "--out", out, "--save_waveforms", "--batch_size", 3,
+                 "--report")
     assert result.returncode == 0, result.stderr
     labels, probabilities, nparams = expected_outputs(checkpoints, data)
     lines = result.stdout.splitlines()
@@ -126,15 +147,34 @@ def test_inference_end_to_end(checkpoints, data, tmp_path, monkeypatch, capsys):
     assert [item["soundscape"] for item in details] == list(SCENES)
     for item, expected_labels, expected_probabilities, references in zip(details, labels, probabilities,
                                                                            SCENES.values()):
-        assert list(item) == ["soundscape", "ref_labels", "est_labels", "probabilities", "metrics"]
+        assert list(item) == ["soundscape", "ref_labels", "est_labels", "est_label_probabilities", "metrics",
+                              "sources"]
         assert item["est_labels"] == expected_labels and item["est_labels"][-1] == SILENCE  # slot 0 sorted last
-        assert item["probabilities"] == pytest.approx(expected_probabilities.tolist(), abs=1e-5)
+        assert item["est_label_probabilities"] == pytest.approx(expected_probabilities.tolist(), abs=1e-5)
+        paired = sorted((pair["reference"], pair["estimate"]) for pair in item["sources"])
+        assert [reference for reference, _ in paired if reference != SILENCE] == sorted(references)
+        assert sorted(estimate for _, estimate in paired if estimate != SILENCE) == sorted(
+            label for label in item["est_labels"] if label != SILENCE)
         assert item["ref_labels"] == references + [SILENCE] * (3 - len(references))
         assert [metric["metric"] for metric in item["metrics"]] == ["CAPI-SDRi", "label_metrics"]
         assert set(item["metrics"][1]["value"]) == {"acc", "tp", "fp", "fn"}
     assert details[-1]["metrics"][1]["value"]["fp"] > 0 and details[-1]["metrics"][0]["value"] == 0.0
     assert results["config"]["models"]["separator_config"]["base_channels"] == SEPARATOR.base_channels
     check_waveform_files(out / "waveforms", details, "PCM_16")
+
+    # The report: its overall row is the printed summary; the oracle-label split matches a run done here.
+    written = json.loads((out / "report" / "report.json").read_text())
+    overall = written["buckets"][0]
+    assert (overall["bucket"], overall["mixtures"], written["mixtures"]) == ("all", 4, 4)
+    assert [f"{overall[key]:.3f}" for key in ("sdri", "accuracy_mix", "accuracy_src")] == [
+        line.split(": ")[1] for line in lines[:3]]
+    assert [row["mixtures"] for row in written["buckets"][1:5]] == [1, 1, 1, 1]  # 0, 1, 2 and 3 targets
+    assert written["split"]["oracle"] == pytest.approx(oracle_capi_sdri(checkpoints, data), abs=1e-3)
+    assert written["split"]["tagger_cost"] == pytest.approx(written["split"]["oracle"] - overall["sdri"])
+    assert written["system"] == {"tagger": str(checkpoints[0]), "separator": str(checkpoints[1])}
+    markdown = (out / "report" / "report.md").read_text()
+    assert f"tagger `{checkpoints[0]}`" in markdown and f"`{data}` (4 mixtures)" in markdown
+    assert "what the tagger costs" in markdown
 
     error = fail(monkeypatch, capsys, *system_arguments(checkpoints, data), "--out", out, "--save_waveforms")
     assert "results.json already exists" in error and "--overwrite" in error  # nothing replaced silently
@@ -196,6 +236,8 @@ def test_submission_package(checkpoints, data, tmp_path, monkeypatch, capsys):
 
     dev = json.loads((folder / "dev_set_test_results.json").read_text())
     assert [item["soundscape"] for item in dev["details"]] == list(SCENES) and "nparams" in dev
+    assert all(list(item) == ["soundscape", "ref_labels", "est_labels", "probabilities", "metrics"]
+               for item in dev["details"])  # the official layout, key names included
     results = json.loads((folder / "eval_results.json").read_text())
     assert list(results) == ["nparams", "probabilities", "config"] and results["nparams"] == dev["nparams"]
     assert [entry["soundscape"] for entry in results["probabilities"]] == ["eval_0000", "eval_0001", "eval_0002"]
@@ -259,3 +301,62 @@ def test_eval_data_may_name_the_soundscape_folder(tmp_path):
     (tmp_path / "eval" / "soundscape").mkdir(parents=True)
     assert evaluate.soundscape_root(tmp_path / "eval") == tmp_path / "eval"
     assert evaluate.soundscape_root(tmp_path / "eval" / "soundscape") == tmp_path / "eval"
+
+
+def snapshot(*folders: Path) -> dict:
+    return {path: (path.stat().st_size, path.stat().st_mtime_ns) for folder in folders for path in folder.rglob("*")}
+
+
+def rewrite(path: Path, frames: int | None = None, channels: int | None = None):
+    """Rewrites a WAV with its first `frames` samples and / or its first `channels` channels."""
+    audio, sample_rate = soundfile.read(str(path), always_2d=True)
+    write_wav(path, audio[:frames, :channels], sample_rate)
+
+
+def test_user_errors_are_one_line_and_change_nothing(checkpoints, data, tmp_path, monkeypatch, capsys):
+    """Each bad flag or file: a non-zero exit, a short message naming the culprit, nothing written or changed."""
+    copies = {}
+    for name in ("truncated", "stereo", "lengths"):
+        copies[name] = tmp_path / name
+        for path in data.rglob("*.wav"):
+            (copies[name] / path.relative_to(data)).parent.mkdir(parents=True, exist_ok=True)
+            (copies[name] / path.relative_to(data)).write_bytes(path.read_bytes())
+    rewrite(copies["truncated"] / "soundscape" / "soundscape_0001.wav", frames=LENGTH // 2)  # 3 good references
+    rewrite(copies["stereo"] / "soundscape" / "soundscape_0002.wav", channels=2)
+    for path in (copies["lengths"]).rglob("soundscape_0002*.wav"):  # a shorter mixture, with shorter references
+        rewrite(path, frames=LENGTH // 2)
+    system = ("--tagger", checkpoints[0], "--separator", checkpoints[1], *FAST)
+    out = tmp_path / "out"
+    cases = [  # (arguments, what the message must say, what it must not say)
+        (("--sep", checkpoints[1], "--tagger", checkpoints[0]), ["--sep (did you mean --separator?)"], []),
+        ((*system, "--data", data, "--save_waveform", "--out", out), ["--save_waveform (did you mean "
+                                                                      "--save_waveforms?)"], []),
+        (("--estimates", data, "--qqqqqq"), ["--qqqqqq (no valid flag is close to it"], ["did you mean"]),
+        (("--compare", tmp_path / "nowhere", out), ["--compare", "nowhere", "no results.json"], []),
+        ((*system, "--data", copies["truncated"], "--batch_size", 2, "--out", out),
+         ["soundscape_0001.wav: shorter than its reference files"], ["oracle_target", "--batch_size"]),
+        (("--estimates", copies["truncated"] / "oracle_target", "--data", copies["truncated"], "--out", out),
+         ["soundscape_0001.wav: shorter than its reference files"], ["oracle_target"]),
+        (("--estimates", copies["stereo"] / "oracle_target", "--data", copies["stereo"], "--out", out),
+         ["soundscape_0002.wav: 32000 Hz, 2 channels"], ["oracle_target"]),
+        ((*system, "--data", copies["lengths"], "--batch_size", 2, "--out", out),
+         ["mixtures of different lengths", "use --batch_size 1"], ["oracle_target"]),
+    ]
+    before = snapshot(tmp_path, data)
+    for arguments, expected, unexpected in cases:
+        error = fail(monkeypatch, capsys, *arguments)
+        lines = error.strip().splitlines()
+        assert 1 <= len(lines) <= 2 and "Traceback" not in error, error  # a title line and one problem at most
+        for text in expected:
+            assert text in error, (arguments, error)
+        for text in unexpected:
+            assert text not in error, (arguments, error)
+    assert snapshot(tmp_path, data) == before and not out.exists()
+
+    monkeypatch.setattr(sys, "argv", ["data_prep.py", "demo", "--ou", str(out)])
+    with pytest.raises(SystemExit) as exit_info:
+        data_prep.main()
+    error = capsys.readouterr().err
+    assert exit_info.value.code == 2
+    assert error.strip() == "data_prep.py: error: unknown argument: --ou (did you mean --out?)"
+    assert not out.exists()

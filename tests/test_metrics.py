@@ -1,4 +1,4 @@
-"""Metric and loss values against hand computations (numpy, float64) and torchmetrics (SPEC 4.5, 5.4)."""
+"""Metric and loss values against hand computations (numpy, float64) and torchmetrics."""
 import itertools
 import math
 
@@ -21,7 +21,7 @@ def snr_numpy(preds, target, eps=FLOAT32_EPS):
 
 @pytest.fixture
 def scene():
-    """3 random references, mixture = sum + noise, estimates = references + noise (SPEC 5.4), float32."""
+    """3 random references, mixture = sum + noise, estimates = references + noise, float32."""
     rng = np.random.default_rng(0)
     length = 4000
     references = rng.standard_normal((3, length)).astype(np.float32)

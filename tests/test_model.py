@@ -134,7 +134,7 @@ def test_vit_features_match_timm():
     state = {**reference.state_dict(), "norm_stats": tagger.backbone.norm_stats}
     tagger.backbone.load_state_dict(state, strict=True)  # timm names load one to one
 
-    def timm_encode(lms):  # SPEC 1.4 written with timm's modules
+    def timm_encode(lms):  # the official encode_lms path written with timm's modules
         frames = lms.shape[-1]
         lms = F.pad(lms, (0, (16 - frames % 16) % 16))
         outputs = []
@@ -190,7 +190,7 @@ def test_stft_and_istft_match_torchlibrosa():
 
 
 def test_separator_matches_independent_mask_computation():
-    """SPEC 3.2/3.5 computed with torchlibrosa and complex arithmetic from the same UNet feature maps."""
+    """The official spectrogram / mask reconstruction computed with torchlibrosa and complex arithmetic from the same UNet feature maps."""
     stft = pytest.importorskip("torchlibrosa.stft")
     settings = dict(n_fft=1024, hop_length=160, win_length=1024, window="hann", center=True, pad_mode="reflect",
                     freeze_parameters=True)
@@ -313,7 +313,7 @@ def test_finetuning_trainable_sets():
 
 
 def official_tagger_state(tagger, four_channel=False):
-    """The state dict of an official Lightning tagger checkpoint (SPEC 2.2, 2.3, 2.8)."""
+    """The state dict of an official Lightning tagger checkpoint."""
     features = pytest.importorskip("nnAudio.features")
     to_spec = features.MelSpectrogram(sr=32000, n_fft=800, win_length=800, n_mels=80, hop_length=320, fmin=50,
                                       fmax=16000, center=True, power=2, verbose=False).state_dict()

@@ -9,6 +9,7 @@ import pytest
 import soundfile
 import torch
 
+import evaluate as evaluate_module
 import metrics
 from synth import SAMPLE_RATE, SILENCE
 
@@ -82,7 +83,7 @@ def printed(stdout: str) -> dict:
 
 def test_capi_sdri_scoring_end_to_end(dataset, tmp_path):
     data, estimates = dataset
-    result = evaluate("--estimates", estimates, "--data", data, "--out", tmp_path)
+    result = evaluate("--estimates", estimates, "--data", data, "--out", tmp_path, "--report")
     assert result.returncode == 0, result.stderr
     values, counts = expected_scores(data, estimates, metrics.capi_sdri)
     assert values[2] == 0.0 and values[3] is None and all(value is not None for value in values[:2] + values[4:])
@@ -108,11 +109,67 @@ def test_capi_sdri_scoring_end_to_end(dataset, tmp_path):
     assert results["details"][3]["metrics"][0]["value"] is None
     assert results["details"][2]["est_labels"] == [SILENCE] * 3
     assert results["config"]["metric"] == "capi-sdri"
+    assert [(pair["reference"], pair["estimate"]) for pair in first["sources"]] == [
+        ("Speech", "Speech"), ("Speech", "Speech"), ("Pour", "Blender")]  # the Blender estimate was meant for Pour
+    assert first["sources"][2]["sdri"] is None  # divisor 4: two Speech pairs, the Pour miss, the Blender estimate
+    assert (first["sources"][0]["sdri"] + first["sources"][1]["sdri"]) / 4 == pytest.approx(values[1], abs=1e-9)
+
+    # The report: buckets by reference count (0003: 0, 0002 and 0004: 1, 0000: 2, 0001: 3 with a duplicate).
+    written = json.loads((tmp_path / "report" / "report.json").read_text())
+    rows = {row["bucket"]: row for row in written["buckets"]}
+    assert [f"{rows['all'][key]:.3f}" for key in ("sdri", "accuracy_mix", "accuracy_src")] == [
+        line.split(": ")[1] for line in lines[:3]]
+    expected = {"0 targets": (1, 0, None), "1 target": (2, 2, (values[2] + values[4]) / 2),
+                "2 targets": (1, 1, values[0]), "3 targets": (1, 1, values[1]),
+                "same-class duplicate": (1, 1, values[1]),
+                "no duplicate": (4, 3, (values[0] + values[2] + values[4]) / 3)}
+    for name, (mixtures, scored, sdri) in expected.items():
+        assert (rows[name]["mixtures"], rows[name]["scored"]) == (mixtures, scored), name
+        assert rows[name]["sdri"] == (None if sdri is None else pytest.approx(sdri, abs=1e-9)), name
+    assert written["silence_answers"] == {"mixtures": 1, "correct": 1} and written["split"] is None
+    assert written["system"] == {"estimates": str(estimates)} and written["mixtures"] == 5
+    assert "(5 mixtures)" in (tmp_path / "report" / "report.md").read_text()
 
     # An existing results.json is never replaced silently.
     again = evaluate("--estimates", estimates, "--data", data, "--out", tmp_path)
     assert again.returncode != 0 and "--overwrite" in again.stderr
     assert evaluate("--estimates", estimates, "--data", data, "--out", tmp_path, "--overwrite").returncode == 0
+
+
+def compare(monkeypatch, capsys, folder_a: Path, folder_b: Path) -> tuple[int, str, str]:
+    """evaluate.py --compare A B in this process (reading JSON needs no fresh interpreter) -> (exit, out, err)."""
+    monkeypatch.setattr(sys, "argv", ["evaluate.py", "--compare", str(folder_a), str(folder_b)])
+    code = 0
+    try:
+        evaluate_module.main()
+    except SystemExit as exit_info:
+        code = exit_info.code
+    output = capsys.readouterr()
+    return code, output.out, output.err
+
+
+def test_compare_result_folders(dataset, tmp_path, monkeypatch, capsys):
+    data, estimates = dataset
+    (tmp_path / "silent").mkdir()
+    for name, folder in (("a", estimates), ("b", tmp_path / "silent")):
+        assert evaluate("--estimates", folder, "--data", data, "--out", tmp_path / name).returncode == 0
+    values, _ = expected_scores(data, estimates, metrics.capi_sdri)
+    mean = np.mean([value for value in values if value is not None])
+
+    code, output, _ = compare(monkeypatch, capsys, tmp_path / "a", tmp_path / "a")
+    assert code == 0 and "B - A on 5 mixtures" in output and "10,000 resamples" in output
+    assert f"| all | 5 | {mean:.3f} | {mean:.3f} | +0.000 | [+0.000, +0.000] |" in output
+    assert "No mixture changed" in output
+
+    code, output, _ = compare(monkeypatch, capsys, tmp_path / "a", tmp_path / "b")  # B: silence everywhere, 0 dB
+    assert code == 0 and f"| all | 5 | {mean:.3f} | 0.000 | {-mean:+.3f} |" in output
+    assert "Mixtures that changed most (3 changed;" in output  # 0002 and 0003 were silent already
+
+    ca = evaluate("--estimates", estimates, "--data", data, "--out", tmp_path / "ca", "--metric", "ca-sdri")
+    assert ca.returncode == 0
+    code, _, error = compare(monkeypatch, capsys, tmp_path / "a", tmp_path / "ca" / "results.json")
+    assert code != 0 and "CAPI-SDRi" in error and "CA-SDRi" in error
+    assert len(error.strip().splitlines()) == 1 and "Traceback" not in error
 
 
 def test_ca_sdri_scoring(dataset, tmp_path):

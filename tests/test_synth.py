@@ -86,7 +86,10 @@ def reference_render(scene, root):
 
 @pytest.fixture()
 def small_scene(tmp_path):
-    """One foreground event at 9.0 s (cut at the end), one interference event, a short tiled background."""
+    """One foreground event at 9.0 s (cut at the end), one interference event, a short tiled background.
+
+    The scene's paths are relative to the repository root tmp_path (the dev set would be tmp_path/data/dev_set).
+    """
     rng = np.random.default_rng(1)
     (tmp_path / "fg" / "Speech").mkdir(parents=True)
     (tmp_path / "int" / "Hum").mkdir(parents=True)
@@ -114,7 +117,7 @@ def small_scene(tmp_path):
 
 def test_render_matches_exact_float64_levels_and_dry_window(small_scene):
     scene, root = small_scene
-    rendered = synth.Renderer([root]).render(scene)
+    rendered = synth.Renderer(root / "data" / "dev_set").render(scene)
     mixture, dry, levels = reference_render(scene, root)
     assert abs(levels[0]) < 1e-9 and abs(levels[2]) < 1e-9  # event level = ref_db + snr over the full wet
     assert levels[1] == 1793  # direct-path window length
@@ -129,8 +132,8 @@ def test_render_matches_exact_float64_levels_and_dry_window(small_scene):
 def test_disk_spectrum_cache_gives_identical_renders(small_scene, tmp_path, monkeypatch):
     scene, root = small_scene
     monkeypatch.setattr(synth, "spectrum_cache_megabytes", 0)  # every render goes to the disk cache
-    plain = synth.Renderer([root]).render(scene)
-    renderer = synth.Renderer([root], cache_dir=tmp_path / "cache")
+    plain = synth.Renderer(root / "data" / "dev_set").render(scene)
+    renderer = synth.Renderer(root / "data" / "dev_set", cache_dir=tmp_path / "cache")
     first, second = renderer.render(scene), renderer.render(scene)  # written, then read back
     (folder,) = (tmp_path / "cache").iterdir()
     assert sorted(path.name for path in folder.iterdir()) == ["2.npy", "4.npy"]  # 4 channels + direct window
@@ -149,17 +152,17 @@ def test_render_errors_name_the_file(small_scene, tmp_path):
     bad = json.loads(json.dumps(scene))
     bad["fg_events"][0]["event_position"] = [[0.3, 0.3, 0.3]]
     with pytest.raises(ValueError, match="no RIR at position"):
-        synth.Renderer([root]).render(bad)
+        synth.Renderer(root / "data" / "dev_set").render(bad)
     bad = json.loads(json.dumps(scene))
     bad["fg_events"][0]["source_file"] = "Speech/missing.wav"
     with pytest.raises(ValueError, match="missing.wav"):
-        synth.Renderer([root]).render(bad)
+        synth.Renderer(root / "data" / "dev_set").render(bad)
     soundfile.write(root / "fg" / "Speech" / "a.wav", np.zeros(64002), 16000)
     with pytest.raises(ValueError, match="a.wav: sample rate 16000"):
-        synth.Renderer([root]).render(scene)
+        synth.Renderer(root / "data" / "dev_set").render(scene)
     (root / "rooms" / "r.sofa").write_bytes(b"not hdf5")
     with pytest.raises(ValueError, match="r.sofa: unreadable SOFA"):
-        synth.Renderer([root]).render(scene)
+        synth.Renderer(root / "data" / "dev_set").render(scene)
 
 
 def test_sofa_spherical_and_cartesian_positions(tmp_path):
@@ -187,7 +190,7 @@ def test_metadata_round_trip(demo_dev_set, tmp_path):
         item = dataset[index]
         path = tmp_path / f"scene_{index}.json"
         path.write_text(json.dumps(item["metadata"]))
-        again = synth.MetadataDataset(tmp_path, return_sources=True)[index]
+        again = synth.MetadataDataset(tmp_path, data_root=demo_dev_set, return_sources=True)[index]
         assert torch.equal(item["mixture"], again["mixture"])
         assert sorted(item["label"]) == sorted(again["label"])
         for source in item["dry_sources"]:
@@ -259,12 +262,12 @@ def test_label_vector_modes():
 
 
 def test_index_errors(tmp_path):
-    (tmp_path / "sound_event" / "Speech").mkdir(parents=True)
-    (tmp_path / "room_ir").mkdir()
-    write_room(tmp_path / "room_ir" / "r.sofa")
+    (tmp_path / "sound_event" / "train" / "Speech").mkdir(parents=True)
+    (tmp_path / "room_ir" / "train").mkdir(parents=True)
+    write_room(tmp_path / "room_ir" / "train" / "r.sofa")
     with pytest.raises(ValueError, match="Speech: empty class folder"):
         synth.DataIndex(tmp_path)
-    soundfile.write(tmp_path / "sound_event" / "Speech" / "x.wav", np.zeros((100, 2)), RATE)
+    soundfile.write(tmp_path / "sound_event" / "train" / "Speech" / "x.wav", np.zeros((100, 2)), RATE)
     with pytest.raises(ValueError, match="x.wav: 2 channels, expected 1"):
         synth.DataIndex(tmp_path)
 
@@ -298,7 +301,7 @@ def test_device_rendering_equals_worker_rendering(style, gpu_code, demo_dev_set,
     assert rendered["label"] == expected["label"] and torch.equal(rendered["label_vector"], expected["label_vector"])
     if style == "tagger":
         assert "dry_sources" not in rendered and "dry_sources" not in expected
-        full = synth.Renderer().render(batch["metadata"][0])["mixture"][0]  # the tagger's channel is channel 0
+        full = synth.Renderer(demo_dev_set).render(batch["metadata"][0])["mixture"][0]  # the tagger reads channel 0
         assert np.max(np.abs(rendered["mixture"][0, 0].numpy() - full)) <= 1e-4 * np.max(np.abs(full))
     else:
         assert rendered["dry_sources"].shape == (6, 3, 1, 320000)
@@ -308,7 +311,7 @@ def test_device_rendering_equals_worker_rendering(style, gpu_code, demo_dev_set,
             silent = [label == synth.SILENCE for label in rendered["label"][number]]
             assert [bool(source.abs().max() == 0) for source in rendered["dry_sources"][number]] == silent
     (tmp_path / "scene.json").write_text(json.dumps(batch["metadata"][1]))
-    again = synth.MetadataDataset(tmp_path, num_channels=options.get("num_channels"))[0]
+    again = synth.MetadataDataset(tmp_path, data_root=demo_dev_set, num_channels=options.get("num_channels"))[0]
     assert (again["mixture"] - rendered["mixture"][1]).abs().max() <= 1e-4 * again["mixture"].abs().max()
 
 

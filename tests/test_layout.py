@@ -1,0 +1,89 @@
+"""Dev-set layout and metadata paths: 'data/dev_set/...' resolves against the dev set given (or the one holding the
+metadata), other relative paths against the folder two levels above it, never against the current directory;
+everything works from a directory that holds a different data/dev_set (the state after the Quickstart)."""
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import data_prep
+import synth
+import train
+
+
+def test_metadata_paths_resolve_against_the_dev_set(tmp_path):
+    dev_set = tmp_path / "datasets" / "dcase" / "dev_set"
+    (dev_set / "sound_event" / "valid" / "Speech").mkdir(parents=True)
+    (dev_set / "sound_event" / "valid" / "Speech" / "a.wav").write_bytes(b"")
+    (tmp_path / "datasets" / "extra.wav").write_bytes(b"")
+    renderer = synth.Renderer(dev_set)
+    found = renderer.resolve("data/dev_set/sound_event/valid", "Speech/a.wav")
+    assert found == dev_set / "sound_event/valid/Speech/a.wav"
+    assert renderer.resolve("extra.wav") == tmp_path / "datasets" / "extra.wav"  # repository root = dev_set/../..
+    assert renderer.resolve(str(dev_set / "sound_event")) == dev_set / "sound_event"  # absolute: as it is
+    with pytest.raises(ValueError) as error:
+        renderer.resolve("data/dev_set/sound_event/valid", "Speech/gone.wav")
+    message = str(error.value)
+    assert "\n" not in message and "data/dev_set/sound_event/valid/Speech/gone.wav: " in message
+    assert f"not found at {dev_set}/sound_event/valid/Speech/gone.wav" in message and f"dev set {dev_set}" in message
+
+
+def test_find_dev_set(demo_dev_set, tmp_path):
+    assert synth.find_dev_set(demo_dev_set / "metadata" / "valid.json") == demo_dev_set
+    assert synth.find_dev_set(demo_dev_set / "metadata" / "valid") == demo_dev_set
+    assert synth.find_dev_set(demo_dev_set / "synthesized" / "test" / "metadata") == demo_dev_set
+    with pytest.raises(ValueError, match="lies in no dev set"):
+        synth.find_dev_set(tmp_path / "scenes")
+
+
+def test_generated_scenes_use_the_train_folders_in_the_official_form(demo_dev_set):
+    dataset = synth.GeneratedDataset(demo_dev_set, synth.SceneConfig(interference_range=(2, 2)), length=2)
+    scene = dataset.scene(0)
+    assert scene["config"]["foreground_dir"] == "data/dev_set/sound_event/train"
+    assert scene["config"]["interference_dir"] == "data/dev_set/interference/train"
+    assert scene["config"]["background_dir"] == "data/dev_set/noise/train"
+    assert scene["room"]["args"]["metadata"]["sofa_path"].startswith("data/dev_set/room_ir/train/room_")
+    with pytest.raises(ValueError, match="split 'test'"):
+        synth.DataIndex(demo_dev_set, "test")
+
+
+@pytest.fixture()
+def other_dev_set_directory(tmp_path_factory):
+    """A folder holding a different demo set in data/dev_set, with the same file names but other content, as the
+    repository root does after the Quickstart's first block."""
+    root = tmp_path_factory.mktemp("quickstart")
+    config = data_prep.DemoConfig(files_per_class=3, num_rooms=1, rir_length=1100, num_valid=2, num_test=1, seed=5,
+                                  event_seconds_max=3.5)
+    data_prep.make_demo(root / "data", config)
+    return root
+
+
+def test_everything_works_from_a_folder_holding_another_dev_set(demo_dev_set, other_dev_set_directory, tmp_path,
+                                                                 monkeypatch):
+    valid = demo_dev_set / "metadata" / "valid.json"
+    expected = synth.MetadataDataset(valid)[0]
+    generated = synth.GeneratedDataset(demo_dev_set, length=1, seed=3)[0]
+    monkeypatch.chdir(other_dev_set_directory)
+    assert Path("data/dev_set/metadata/valid.json").is_file()  # a different dev set where 'data/dev_set' points
+    assert data_prep.verify(demo_dev_set)[1] == []
+    for item in (synth.MetadataDataset(valid)[0], synth.MetadataDataset(valid, data_root=demo_dev_set)[0]):
+        assert torch.equal(item["mixture"], expected["mixture"]) and item["label"] == expected["label"]
+    assert torch.equal(synth.GeneratedDataset(demo_dev_set, length=1, seed=3)[0]["mixture"], generated["mixture"])
+    assert data_prep.render_metadata(valid, tmp_path / "rendered") == 4
+    train.check_data_root(demo_dev_set, synth.SceneConfig())
+    result = subprocess.run([sys.executable, str(Path(data_prep.__file__).resolve()), "verify", "--data",
+                             str(demo_dev_set)], capture_output=True, text=True)
+    assert result.returncode == 0 and result.stdout.endswith("ok\n"), result.stdout + result.stderr
+
+
+def test_training_check_names_the_split_layout(demo_dev_set, tmp_path):
+    unsplit = tmp_path / "dev_set"
+    for name in ("sound_event", "noise", "room_ir", "interference", "metadata"):
+        (unsplit / name).mkdir(parents=True)
+    with pytest.raises(SystemExit) as error:
+        train.check_data_root(unsplit, synth.SceneConfig())
+    message = str(error.value)
+    assert f"{unsplit / 'sound_event/train'} is missing (the official layout splits" in message
+    assert "python data_prep.py demo" in message
