@@ -266,7 +266,7 @@ def _best_permutation(cost: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def pit_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """2026 tagger loss (SPEC 2.7): permutation-invariant cross-entropy with probability targets.
+    """2026 tagger loss (official label_loss.py): permutation-invariant cross-entropy with probability targets.
 
     logits [B, S, C] (S = 3 slots, C = 19 with silence), targets [B, S, C] one-hot (float).
     Pair cost M[b, t, p] = -sum_c targets[b, t, c] * log_softmax(logits[b, p])_c; the assignment minimising the
@@ -292,7 +292,7 @@ def _snr64(preds: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 
 def class_aware_pit_snr_loss(preds: torch.Tensor, targets: torch.Tensor,
                              queries: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """2026 separator loss (SPEC 4.2): negative SNR under the best permutation among same-class slots.
+    """2026 separator loss (official class_aware_pit.py): negative SNR under the best permutation among same-class slots.
 
     preds, targets: [B, S, L] or [B, S, 1, L]; queries: [B, S, 18] one-hot label queries (all-zero = silence) or
     the flat [B, S*18]. Only pairs of slots with identical non-silent queries may be matched (others cost 1e9);
@@ -320,14 +320,14 @@ def class_aware_pit_snr_loss(preds: torch.Tensor, targets: torch.Tensor,
 
 
 def snr_loss(preds: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """2025 ResUNet loss (SPEC 4.4): -mean SNR. preds, targets [B, L] or [B, 1, L] -> float64 scalar."""
+    """2025 ResUNet loss: -mean SNR. preds, targets [B, L] or [B, 1, L] -> float64 scalar."""
     if preds.shape != targets.shape:
         raise ValueError(f"preds {tuple(preds.shape)} and targets {tuple(targets.shape)} must match")
     return -_snr64(preds, targets).mean()
 
 
 def masked_snr_loss(preds: torch.Tensor, targets: torch.Tensor, source_mask: torch.Tensor) -> torch.Tensor:
-    """2025 ResUNetK loss (SPEC 4.4): -mean over all B*S slots of SNR * source_mask (masked slots count as 0).
+    """2025 ResUNetK loss: -mean over all B*S slots of SNR * source_mask (masked slots count as 0).
 
     preds, targets [B, S, L] or [B, S, 1, L]; source_mask [B, S] (1 = real source, 0 = silence). No permutation.
     """
@@ -339,7 +339,7 @@ def masked_snr_loss(preds: torch.Tensor, targets: torch.Tensor, source_mask: tor
 
 
 def binary_cross_entropy(probabilities: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """2025 tagger loss (SPEC 2.8): mean binary cross-entropy of sigmoid probabilities [B, 18] against multi-hot
+    """2025 tagger loss: mean binary cross-entropy of sigmoid probabilities [B, 18] against multi-hot
     targets [B, 18], float64. Written out (logs floored at -100 like torch) so it also runs inside autocast,
     where F.binary_cross_entropy refuses to."""
     probabilities, targets = probabilities.double(), targets.double()

@@ -389,7 +389,7 @@ def check_data_root(root: Path, scene: SceneConfig) -> None:
 
 
 def label_modes(task: str, model_config) -> dict:
-    """Label vector layout the task's loss expects (SPEC 2.6): tagger [3, 19] (or 2025 multi-hot [18]),
+    """Label vector layout the task's loss expects (official DatasetS3): tagger [3, 19] (2025: multi-hot [18]),
     separator queries [3, 18] with all-zero silence rows."""
     if task == "tagging" and model_config.head == "avg_linear":
         return dict(label_vector_mode="stack", silence_label_mode="onehot", return_sources=False)
@@ -456,7 +456,7 @@ def freeze_unused_parameters(model: torch.nn.Module, task: str) -> list[str]:
     """Freeze the trainable parameters that a forward/backward pass never reaches and return their names.
 
     The official separator owns decoder `beta2` FiLM layers and decoder `bn2` layers that its forward never uses
-    (SPEC 3.3-3.4); Lightning ran DDP with find_unused_parameters=True for them, which costs an extra graph
+    (official resunet_mod.py); Lightning ran DDP with find_unused_parameters=True for them, costing an extra graph
     traversal every step. They can never receive a gradient, so AdamW never changes them: freezing them is
     numerically the same, keeps their keys in the checkpoint, and lets plain DDP run. A one-second probe
     (eval mode, so no BatchNorm statistics change) finds them without hard-coding names.
