@@ -1236,7 +1236,11 @@ def bench(config: BenchConfig):
         raise SystemExit("--device cuda: no CUDA device is visible")
     synchronize = torch.cuda.synchronize if device.type == "cuda" else lambda: None
     start = time.perf_counter()
-    rooms = DataIndex(config.data).rooms
+    try:
+        rooms = DataIndex(config.data).rooms
+    except ValueError as error:  # one line listing every problem
+        raise SystemExit(f"--data {config.data}: not a usable dev set: "
+                         f"{'; '.join(line.strip() for line in str(error).splitlines()[1:]) or error}")
     print(f"data {config.data}: {len(rooms)} rooms, {sum(r.num_positions for r in rooms)} positions, "
           f"{rooms[0].num_channels} channels x {rooms[0].rir_length} taps; index built in "
           f"{time.perf_counter() - start:.2f} s; torch threads {torch.get_num_threads()}; device {device}"
