@@ -432,9 +432,9 @@ class Renderer:
                 path = self.resolve(config[folder_key], event["source_file"])
                 audio = read_audio(path, int(event["source_time"] * SAMPLE_RATE),
                                    int(event["event_duration"] * SAMPLE_RATE))
-                source = audio[0] if len(audio) == 1 else audio.mean(axis=0)  # mono like librosa
-                peak = np.max(np.abs(source)) if source.size else 0.0
-                sources.append(source / peak if peak > 0 else source)
+                source = audio[0] if len(audio) == 1 else audio.mean(axis=0)  # mono like librosa, a new array
+                peak = max(source.max(), -source.min()) if source.size else 0.0
+                sources.append(np.divide(source, peak, out=source) if peak > 0 else source)
                 try:
                     position = room.find_position(event["event_position"])
                 except ValueError as error:
@@ -1264,12 +1264,13 @@ def bench(config: BenchConfig):
         for index in range(config.count):  # brings the files of these scenes into the page cache
             dataset[index]
         TIMER.seconds.clear()
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         batches = [collate([dataset[index] for index in range(first, min(first + batch_size, config.count))])
                    for first in range(0, config.count, batch_size)]
         total = (time.perf_counter() - start) * 1000 / config.count
-        print(f"  worker: scene draw + reading + collate        {total:7.2f} ms/mixture  "
-              f"({_breakdown(config.count, ('scene', 'reading'))})")
+        cpu = (time.process_time() - cpu_start) * 1000 / config.count  # less affected by other jobs on the machine
+        print(f"  worker: scene draw + reading + collate        {total:7.2f} ms/mixture  (CPU time {cpu:.2f}; "
+              f"{_breakdown(config.count, ('scene', 'reading'))})")
         if device.type == "cuda":
             batches = [_pinned(batch) for batch in batches]
         renderer = BatchRenderer(device, config.cache_megabytes)
