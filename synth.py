@@ -568,6 +568,8 @@ class RirSpectra:
 
     def lookup(self, keys, fft_length, channels, dry):
         """Table rows (int64 [E], on the device) holding the spectra of `keys`; missing ones are computed first."""
+        # The DataLoader's pin_memory turns tuples into lists: keys are made hashable again here.
+        keys = [(path, int(position), tuple(direct_range)) for path, position, direct_range in keys]
         if (fft_length, channels, dry) != self.layout:
             self.layout, self.slots = (fft_length, channels, dry), collections.OrderedDict()
             self._resize(0)
@@ -626,7 +628,8 @@ class RirSpectra:
             spectra = cache_file = None
             if self.cache_dir is not None:
                 status = room.path.stat()
-                text = f"{room.path.resolve()}|{status.st_size}|{status.st_mtime_ns}|{fft_length}|{list(direct_range)}"
+                text = (f"{room.path.resolve()}|{status.st_size}|{status.st_mtime_ns}|{fft_length}|{list(direct_range)}"
+                        "|channels and window")  # the file layout: folders of earlier layouts are not read
                 cache_file = (Path(self.cache_dir) / f"{room.path.stem}-{hashlib.sha1(text.encode()).hexdigest()[:16]}"
                               / f"{position}.npy")
                 if cache_file.is_file():

@@ -293,6 +293,9 @@ def test_device_rendering_equals_worker_rendering(style, gpu_code, demo_dev_set,
     monkeypatch.setattr(synth, "CPU_KERNELS", not gpu_code)
     batch = synth.collate([device[index] for index in range(6)])
     assert "mixture" not in batch and batch["scene"]["background"].shape == expected["mixture"].shape
+    # What the DataLoader's pin_memory (on CUDA) makes of the keys: tuples become lists.
+    batch["scene"]["rir_keys"] = [[path, position, list(window)] for path, position, window in
+                                  batch["scene"]["rir_keys"]]
     rendered = synth.BatchRenderer("cpu", 64)(batch)
     channels = 1 if style == "tagger" else 4
     assert rendered["mixture"].shape == (6, channels, 320000)
