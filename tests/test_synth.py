@@ -318,7 +318,7 @@ def test_device_rendering_equals_worker_rendering(style, gpu_code, demo_dev_set,
     assert (again["mixture"] - rendered["mixture"][1]).abs().max() <= 1e-4 * again["mixture"].abs().max()
 
 
-def test_gpu_code_keeps_every_tensor_on_the_device(demo_dev_set, monkeypatch):
+def test_gpu_code_keeps_every_tensor_on_the_device(demo_dev_set):
     """The rendering code for GPUs run on the 'meta' device, where any tensor left on the CPU is an error."""
     dataset = synth.GeneratedDataset(demo_dev_set, length=3, seed=2, render=False)
     rendered = synth.BatchRenderer("meta", 64)(synth.collate([dataset[index] for index in range(3)]))
