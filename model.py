@@ -7,10 +7,13 @@ separator), so official weights load strictly through the small remap table next
 
     python model.py --bench                                   # fwd+bwd ms and peak memory, batch 4 x 10 s
     python model.py --bench --device cpu --batch_size 2 --seconds 1
+    ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2 python model.py --bench --device cpu
+                                                              # as on a CPU without AVX-512 (torch, oneDNN, MKL)
 """
 import argparse
 import dataclasses
 import math
+import platform
 import re
 import time
 from dataclasses import dataclass
@@ -682,6 +685,31 @@ def load_separator(path: str) -> Separator:
 # Benchmark
 
 
+def cpu_has_native_bf16() -> bool | None:
+    """Whether torch computes bf16 on this CPU in hardware: an x86 CPU with AVX512-BF16 or AMX, with torch's AVX512
+    kernels in use. Elsewhere (AVX2-only CPUs, or torch restricted by ATEN_CPU_CAPABILITY=avx2) bf16 is emulated and
+    a bf16 autocast training step is several times slower than fp32. None on other architectures (not detected)."""
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return None
+    hardware = any(getattr(torch.cpu, check, lambda: False)()
+                   for check in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
+    return hardware and torch.backends.cpu.get_cpu_capability().startswith("AVX512")
+
+
+def cpu_summary() -> str:
+    """CPU model, torch threads, torch's kernel level and the bf16 support for benchmark headers, e.g. 'AMD EPYC,
+    2 threads, torch kernels AVX2, bf16 emulated (slower than fp32)'."""
+    name = platform.processor() or "unknown CPU"
+    try:
+        name = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                    if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    native = cpu_has_native_bf16()
+    bf16 = {True: "native", False: "emulated (slower than fp32)", None: "support not detected"}[native]
+    return f"{name}, {torch.get_num_threads()} threads, torch kernels {torch.backends.cpu.get_cpu_capability()}, bf16 {bf16}"
+
+
 class ConvSTFTSeparator(Separator):
     """The same network with the official torchlibrosa-style conv1d STFT / conv + overlap-add ISTFT, for timing."""
 
@@ -715,8 +743,9 @@ class ConvSTFTSeparator(Separator):
 
 
 def time_train_step(model: nn.Module, inputs: tuple, dtype: torch.dtype, steps: int, device: torch.device) -> tuple:
-    """Median forward+backward ms over `steps` after one warm-up (the median resists a busy machine), and peak
-    memory in MiB (CUDA only)."""
+    """Median forward+backward wall ms over `steps` after one warm-up (the median resists a busy machine), median
+    process CPU ms (on a machine shared with other jobs, with one torch thread, the compute time of one core) and
+    peak memory in MiB (CUDA only)."""
     model.train()
 
     def step():
@@ -728,17 +757,18 @@ def time_train_step(model: nn.Module, inputs: tuple, dtype: torch.dtype, steps: 
     step()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    times = []
+    times, cpu_times = [], []
     for _ in range(steps):
         if device.type == "cuda":
             torch.cuda.synchronize()
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         step()
         if device.type == "cuda":
             torch.cuda.synchronize()
         times.append((time.perf_counter() - start) * 1000)
+        cpu_times.append((time.process_time() - cpu_start) * 1000)
     memory = f"{torch.cuda.max_memory_allocated() / 2 ** 20:8.0f} MiB" if device.type == "cuda" else "     n/a"
-    return sorted(times)[len(times) // 2], memory
+    return sorted(times)[len(times) // 2], sorted(cpu_times)[len(cpu_times) // 2], memory
 
 
 class SpectrogramRoundTrip(nn.Module):
@@ -798,11 +828,14 @@ def main():
     }
     print(f"device {device}, batch {config.batch_size} x {config.seconds} s, tagger finetuning '{config.finetuning}', "
           f"separator width {config.base_channels}")
+    if device.type == "cpu":
+        print(f"cpu: {cpu_summary()}")
     for name, (model, inputs) in models.items():
         model.to(device)
         for dtype in (torch.float32, torch.bfloat16):
-            ms, memory = time_train_step(model, inputs, dtype, config.steps, device)
-            print(f"{name:32s} {str(dtype).replace('torch.', ''):9s} fwd+bwd {ms:9.1f} ms   peak {memory}")
+            ms, cpu_ms, memory = time_train_step(model, inputs, dtype, config.steps, device)
+            print(f"{name:32s} {str(dtype).replace('torch.', ''):9s} fwd+bwd {ms:9.1f} ms   process CPU {cpu_ms:9.1f} ms"
+                  f"   peak {memory}")
         model.cpu()
 
 

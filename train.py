@@ -64,7 +64,7 @@ from cli import add_config_flags, unknown_flags_message
 from metrics import (binary_cross_entropy, capi_sdri, class_aware_pit_snr_loss, label_accuracies, label_counts,
                      masked_snr_loss, pit_cross_entropy, snr, snr_loss)
 from model import (OFFICIAL_PREFIXES, SeparatorConfig, TaggerConfig, build_separator, build_tagger,
-                   remap_official_state_dict)
+                   cpu_has_native_bf16, remap_official_state_dict)
 from synth import (LABELS, SAMPLE_RATE, BatchRenderer, GeneratedDataset, MetadataDataset, SceneConfig, collate,
                    keep_heap_memory, spectra_megabytes)
 
@@ -1021,6 +1021,9 @@ def train(cli, config: TrainConfig, model_config, scene: SceneConfig, preset: st
     if preset.endswith("2blks") and not config.init_from and not cli.resume:
         say(f"warning: preset {preset} is the second tagger stage; without --init_from it starts from the "
             "M2D weights and a fresh head")
+    if device.type == "cpu" and config.dtype == "bf16" and cpu_has_native_bf16() is False:
+        say("warning: --dtype bf16 on a CPU without native bf16 (AVX512-BF16 or AMX) is emulated and several times "
+            "slower than fp32 here; `python model.py --bench --device cpu` compares the two")
     if device.type == "cpu":  # keep freed activations mapped: page faults cost ~20 % of a CPU step
         keep_heap_memory(CPU_HEAP_KEEP_MEGABYTES)
     torch.set_float32_matmul_precision("high" if config.tf32 else "highest")  # 'highest' (no TF32) is torch's default

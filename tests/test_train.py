@@ -431,3 +431,28 @@ def test_render_on_and_num_workers_defaults(monkeypatch):
     assert train.default_num_workers() == 1
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")
     assert train.default_num_workers() == 1
+
+
+def test_native_bf16_detection(monkeypatch):
+    """Native bf16 needs the hardware (AVX512-BF16 or AMX) and torch's AVX512 kernels in use."""
+    import model
+    cases = [("x86_64", True, False, "AVX512", True), ("x86_64", False, True, "AVX512", True),
+             ("x86_64", True, True, "AVX2", False),  # restricted with ATEN_CPU_CAPABILITY=avx2
+             ("x86_64", False, False, "AVX512", False), ("x86_64", False, False, "AVX2", False),
+             ("aarch64", False, False, "DEFAULT", None)]
+    for machine, avx512_bf16, amx, capability, expected in cases:
+        monkeypatch.setattr(model.platform, "machine", lambda: machine)
+        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16, raising=False)
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx, raising=False)
+        monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)
+        assert model.cpu_has_native_bf16() is expected, (machine, avx512_bf16, amx, capability)
+        assert ("bf16 native" in model.cpu_summary()) is bool(expected)
+
+
+@pytest.mark.parametrize("native", [False, True])
+def test_bf16_on_a_cpu_without_native_bf16_warns_once(native, demo_dev_set, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(train, "cpu_has_native_bf16", lambda: native)
+    train.main(tiny_args("tagging", demo_dev_set, tmp_path, "--max_steps", "1", "--dtype", "bf16"))
+    warnings = [line for line in capsys.readouterr().out.splitlines() if "without native bf16" in line]
+    assert len(warnings) == (0 if native else 1)
+    assert (tmp_path / "last.pt").is_file()  # a warning, not an error: the run goes on
