@@ -12,7 +12,7 @@ is split into train/ and valid/ (sound_event/<split>/<Label>/**.wav, interferenc
 noise/<split>/**.wav, room_ir/<split>/*.sofa), plus config/{FSD50K,EARS}_config.json (add-data pick-up
 lists), metadata/valid.json with metadata/valid/*.json, and synthesized/test/{soundscape,oracle_target}.
 Paths inside metadata are relative to the official repository root ('data/dev_set/...'); they are resolved
-against the dev-set folder given (see synth.Renderer), never against the current directory.
+against the dev-set folder given (see render.Renderer), never against the current directory.
 """
 import collections
 import dataclasses
@@ -32,8 +32,9 @@ import torch
 import torchaudio
 
 from cli import StrictParser, add_config_flags, config_from_args
-from synth import (LABELS, SAMPLE_RATE, SPLITS, DataIndex, GeneratedDataset, Renderer, SceneConfig, find_dev_set,
-                   metadata_files, parse_source_name)
+from devset import LABELS, SAMPLE_RATE, SPLITS, DataIndex
+from render import Renderer
+from synth import GeneratedDataset, SceneConfig, find_dev_set, metadata_files, parse_source_name
 
 SPEED_OF_SOUND = 343.0  # m/s
 MIC_POSITIONS = 0.042 * np.array([[1, 1, 1], [1, -1, -1], [-1, 1, -1], [-1, -1, 1]]) / np.sqrt(3)  # m, tetrahedron

@@ -57,10 +57,10 @@ import torch
 
 import report
 from cli import StrictParser, add_config_flags, config_from_args
+from devset import LABELS, NUM_SLOTS, SAMPLE_RATE, SILENCE, audio_info
 from metrics import METRIC_NAMES, MetricAccumulator
 from model import S5, count_parameters, load_separator, load_tagger
-from synth import (LABELS, NUM_SLOTS, SAMPLE_RATE, SILENCE, WaveformDataset, audio_info, collate, index_sources,
-                   parse_source_name)
+from synth import WaveformDataset, collate, index_sources, parse_source_name
 
 MIXTURE_CHANNELS = 4  # microphones of every soundscape
 RESULTS_FILENAME = "results.json"
@@ -185,7 +185,7 @@ def list_soundscapes(data_dir: Path, need_references: bool = True) -> list[Path]
 
 
 def read_header(path: Path):
-    """synth.audio_info, with an InputError naming the file when it is not readable audio."""
+    """devset.audio_info, with an InputError naming the file when it is not readable audio."""
     try:
         return audio_info(path)
     except ValueError as error:

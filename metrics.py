@@ -7,7 +7,7 @@ scorer prints.
     python metrics.py --bench      # ms of CAPI-SDRi computation per 10 s mixture on one CPU core
 
 Conventions: S = estimate slots, R = reference slots, L = samples, B = batch. Labels are lists of class names
-from synth.LABELS, with synth.SILENCE marking an empty slot. SNR values are in dB.
+from devset.LABELS, with devset.SILENCE marking an empty slot. SNR values are in dB.
 Dtypes: metrics run in the dtype of their inputs (float32 for WAV files, as the official scorer does), half
 precision is cast up to float32 first; losses are always computed in float64 (the official validation loss
 is float64 because its dry targets are) and return float64 scalars.
@@ -21,7 +21,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from synth import LABELS, NUM_SLOTS, SAMPLE_RATE, SILENCE
+from devset import LABELS, NUM_SLOTS, SAMPLE_RATE, SILENCE
 
 INVALID_COST = 1e9  # class-aware PIT cost of pairing slots of different classes; never chosen
 METRIC_NAMES = {"capi-sdri": "CAPI-SDRi", "ca-sdri": "CA-SDRi"}  # --metric value -> name printed / in JSON

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 import torchaudio
 
 from cli import add_config_flags, config_from_args
-from synth import LABELS, NUM_SLOTS, SAMPLE_RATE, SILENCE
+from devset import LABELS, NUM_SLOTS, SAMPLE_RATE, SILENCE
 
 NUM_CLASSES = len(LABELS)  # 18 target classes: the separator's query size
 TAGGER_CLASSES = NUM_CLASSES + 1  # the 2026 tagger adds 'silence' as class 18

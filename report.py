@@ -25,8 +25,8 @@ import numpy as np
 import scipy.optimize
 import torch
 
+from devset import LABELS, NUM_SLOTS, SILENCE
 from metrics import METRIC_NAMES, snr
-from synth import LABELS, NUM_SLOTS, SILENCE
 
 TARGET_COUNTS = (0, 1, 2, 3)  # bucket rows always shown; a larger count gets its own row when it occurs
 CONFUSION_LABELS = LABELS + (SILENCE,)  # rows (references) and columns (estimates) of the confusion matrix

@@ -33,7 +33,7 @@ Differences from the official Lightning recipe, on purpose (the README lists all
 * Parameters that never receive a gradient (the separator's decoder beta2 FiLM layers and decoder bn2) are
   found once with a probe pass and frozen, instead of paying find_unused_parameters on every step.
 * SyncBatchNorm needs CUDA; CPU runs under torchrun keep per-rank BatchNorm statistics.
-* Mixtures are rendered on the training device (--render_on device, the default on CUDA; synth.BatchRenderer): the
+* Mixtures are rendered on the training device (--render_on device, the default on CUDA; render.BatchRenderer): the
   loader workers only draw the scenes and read the audio. Only what the task uses is rendered (the 1-channel
   tagger: channel 0 and no dry targets). The validation mixtures are rendered once per process and kept; the
   official code synthesizes every validation mixture again at every validation.
@@ -43,14 +43,11 @@ import dataclasses
 import gc
 import json
 import math
-import os
 import pickle
 import random
 import resource
 import signal
-import subprocess
 import sys
-import tempfile
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -60,32 +57,25 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
+from checkpoint import (check_config_json, code_version, config_differences, load_optimizer_state, load_weights,
+                        map_optimizer_state, read_initial_checkpoint, rng_states, save_checkpoint, set_rng_states)
 from cli import add_config_flags, unknown_flags_message
+from cluster import STOP_SIGNALS, StepStatus, StopRequest, setup_distributed, split_batch
+from devset import LABELS, SAMPLE_RATE
 from metrics import (binary_cross_entropy, capi_sdri, class_aware_pit_snr_loss, label_accuracies, label_counts,
                      masked_snr_loss, pit_cross_entropy, snr, snr_loss)
-from model import (OFFICIAL_PREFIXES, SeparatorConfig, TaggerConfig, build_separator, build_tagger,
-                   cpu_has_native_bf16, remap_official_state_dict)
-from synth import (LABELS, SAMPLE_RATE, BatchRenderer, GeneratedDataset, MetadataDataset, SceneConfig, collate,
-                   keep_heap_memory, spectra_megabytes)
+from model import SeparatorConfig, TaggerConfig, build_separator, build_tagger, cpu_has_native_bf16
+from render import BatchRenderer, keep_heap_memory, spectra_megabytes
+from synth import GeneratedDataset, MetadataDataset, SceneConfig
+from training_data import (DATA_HINT, StepBatches, ValidationSet, check_data_root, default_num_workers, label_modes,
+                           make_loader, mixture_channels)
 
 TASKS = ("tagging", "separation")
 LOSSES = {"tagging": ("pit_cross_entropy", "binary_cross_entropy"),
           "separation": ("class_aware_pit_snr", "snr", "snr_masked")}
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-CPU_HEAP_KEEP_MEGABYTES = 2047  # freed memory a CPU training process keeps for the next step (synth.keep_heap_memory)
+CPU_HEAP_KEEP_MEGABYTES = 2047  # freed memory a CPU training process keeps for the next step (render.keep_heap_memory)
 M2D_WEIGHTS = "checkpoint/m2d_as_vit_base-80x1001p16x16p32k-240413_AS-FT_enconly/weights_ep69it3124-0.47998.pth"
-VALID_MEMORY_BYTES = 2 * 2**30  # per rank: a larger rendered validation set goes to files in the run folder
-STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)  # each asks for a stop after the current step
-REPEAT_SIGNAL_SECONDS = 5.0  # a signal repeated within this time is the same stop request, not an abort
-STATUS_READ_SECONDS = 2.0  # longest wall time between two reads of the step status (loss, stop request)
-# Model fields that do not change the weights' layout: which parameters train, and where the first weights came from.
-TRAINING_ONLY_MODEL_FIELDS = ("finetuning", "m2d_weights")
-# Frozen parameters of the official separator (torchlibrosa's STFT / ISTFT kernels) that ours computes with
-# torch.stft instead: they hold a place in the official optimizer's parameter list but never any state.
-OFFICIAL_ONLY_PARAMETERS = {"base.stft.conv_real.weight", "base.stft.conv_imag.weight", "base.istft.conv_real.weight",
-                            "base.istft.conv_imag.weight"}
-DATA_HINT = ("Create the small demo set with `python data_prep.py demo` (writes data/dev_set), or check a full "
-             "development set with `python data_prep.py verify --data DIR` and pass it as --data_root DIR.")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -338,120 +328,8 @@ def resolve_loss(config: TrainConfig, model_config) -> str:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Helpers: distributed set-up, data, model, loss
+# Helpers: model and optimizer, learning rate, loss, validation, log values
 # ----------------------------------------------------------------------------------------------------------
-def setup_distributed(device_name: str) -> tuple[int, int, int, torch.device]:
-    """(rank, local_rank, world_size, device) from torchrun's environment; a plain run is rank 0 of 1."""
-    rank, local_rank, world_size = (int(os.environ.get(name, default)) for name, default in
-                                    (("RANK", 0), ("LOCAL_RANK", 0), ("WORLD_SIZE", 1)))
-    use_cuda = device_name == "cuda" or (device_name == "auto" and torch.cuda.is_available())
-    if use_cuda and not torch.cuda.is_available():
-        raise SystemExit("--device cuda: no CUDA device is visible")
-    device = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
-    if use_cuda:
-        torch.cuda.set_device(device)
-    if world_size > 1:  # device_id binds NCCL to this rank's GPU at once instead of at the first collective
-        dist.init_process_group(backend="nccl" if use_cuda else "gloo", rank=rank, world_size=world_size,
-                                device_id=device if use_cuda else None)
-    return rank, local_rank, world_size, device
-
-
-def check_data_root(root: Path, scene: SceneConfig) -> None:
-    """Fail early, with the commands that fix it, when the dev set lacks what training reads: the train folders of
-    the official layout (sound_event/train/<Label>, noise/train, room_ir/train/*.sofa, interference/train) and
-    metadata/valid.json."""
-    needed = ["sound_event/train", "noise/train", "room_ir/train", "metadata/valid.json"]
-    if max(scene.interference_range) > 0:
-        needed.append("interference/train")
-    problems = []
-    for name in needed:
-        if not (root / name).exists():
-            unsplit = name.endswith("/train") and (root / name.split("/")[0]).is_dir()
-            problems.append(f"{root / name} is missing" + (" (the official layout splits each source folder into "
-                                                           "train/ and valid/)" if unsplit else ""))
-    if not problems:
-        if not any((root / "room_ir" / "train").rglob("*.sofa")):
-            problems.append(f"{root / 'room_ir/train'} holds no .sofa room files")
-        missing = [label for label in LABELS if not (root / "sound_event" / "train" / label).is_dir()]
-        if missing:
-            problems.append(f"{root / 'sound_event/train'} lacks the class folders {', '.join(missing)}")
-        if max(scene.interference_range) > 0 and not any(path.is_dir() for path in
-                                                         (root / "interference" / "train").iterdir()):
-            problems.append(f"{root / 'interference/train'} holds no class folders (scene.interference_range "
-                            f"{scene.interference_range}; `python data_prep.py add-data` adds them)")
-        try:
-            entries = json.loads((root / "metadata" / "valid.json").read_text())
-            assert isinstance(entries, list) and entries
-        except (OSError, ValueError, AssertionError):
-            problems.append(f"{root / 'metadata/valid.json'} is not a non-empty JSON list of metadata entries")
-    if problems:
-        raise SystemExit(f"data root {root} is not a usable dev_set: {'; '.join(problems)}.\n{DATA_HINT}")
-
-
-def label_modes(task: str, model_config) -> dict:
-    """Label vector layout the task's loss expects (official DatasetS3): tagger [3, 19] (2025: multi-hot [18]),
-    separator queries [3, 18] with all-zero silence rows."""
-    if task == "tagging" and model_config.head == "avg_linear":
-        return dict(label_vector_mode="stack", silence_label_mode="onehot", return_sources=False)
-    if task == "tagging":
-        return dict(label_vector_mode="multihot", silence_label_mode="zeros", return_sources=False)
-    return dict(label_vector_mode="stack", silence_label_mode="zeros", return_sources=True)
-
-
-def mixture_channels(task: str, model_config) -> int | None:
-    """Mixture channels the model reads: the 1-channel taggers only need channels up to the reference one."""
-    if task == "tagging" and model_config.num_channels == 1:
-        return model_config.ref_channel + 1
-    return None  # all of the room's
-
-
-def default_num_workers() -> int:
-    """DataLoader workers per rank: the CPU cores this process may use, shared by the ranks of this machine, minus
-    one for the training process itself, and at least one (2 cores, 1 rank: 1; 16 cores, 4 ranks: 3)."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return max(1, cores // int(os.environ.get("LOCAL_WORLD_SIZE", 1)) - 1)
-
-
-class StepBatches(torch.utils.data.Sampler):
-    """Scene numbers of every micro-batch this rank trains on from `start_step` to `max_steps`.
-
-    The number is a function of (step, micro-step, rank, item) only, so each rank and worker draws distinct
-    scenes, and a resumed run continues with exactly the scenes the uninterrupted run would have seen.
-    """
-
-    def __init__(self, start_step: int, max_steps: int, accumulation: int, rank: int, world_size: int,
-                 batch_size: int):
-        self.start_step, self.max_steps, self.accumulation = start_step, max_steps, accumulation
-        self.rank, self.world_size, self.batch_size = rank, world_size, batch_size
-
-    def first_index(self, step: int, micro_step: int) -> int:
-        return ((step * self.accumulation + micro_step) * self.world_size + self.rank) * self.batch_size
-
-    def __iter__(self):
-        for step in range(self.start_step, self.max_steps):
-            for micro_step in range(self.accumulation):
-                first = self.first_index(step, micro_step)
-                yield list(range(first, first + self.batch_size))
-
-    def __len__(self) -> int:
-        return (self.max_steps - self.start_step) * self.accumulation
-
-
-def ignore_signals_in_worker(worker_id: int) -> None:
-    """Ctrl-C and SIGTERM are handled by the main process, which shuts the workers down after saving."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-
-
-def make_loader(dataset, workers: int, config: TrainConfig, device: torch.device, persistent: bool,
-                **options) -> torch.utils.data.DataLoader:
-    """Worker processes synthesize batches ahead (prefetch) so that the step does not wait for data."""
-    parallel = dict(num_workers=workers, prefetch_factor=config.prefetch_factor, persistent_workers=persistent,
-                    worker_init_fn=ignore_signals_in_worker) if workers > 0 else {}
-    return torch.utils.data.DataLoader(dataset, collate_fn=collate, pin_memory=device.type == "cuda", **parallel,
-                                       **options)
-
-
 def freeze_unused_parameters(model: torch.nn.Module, task: str) -> list[str]:
     """Freeze the trainable parameters that a forward/backward pass never reaches and return their names.
 
@@ -477,311 +355,6 @@ def freeze_unused_parameters(model: torch.nn.Module, task: str) -> list[str]:
             parameter.requires_grad_(False)
     model.train(was_training)
     return unused
-
-
-def learning_rate(step: int, config: TrainConfig) -> float:
-    if step < config.warmup_steps:
-        return config.lr * (step + 1) / config.warmup_steps
-    if config.lr_schedule == "constant":
-        return config.lr
-    progress = (step - config.warmup_steps) / max(1, config.max_steps - config.warmup_steps)
-    return config.min_lr + 0.5 * (config.lr - config.min_lr) * (1 + math.cos(math.pi * min(1.0, progress)))
-
-
-def compute_loss(model, batch: dict, loss_name: str, generator: torch.Generator | None = None) -> tuple:
-    """(loss, model output) of one batch; the loss is a float64 scalar (metrics.py computes it in float64).
-
-    For the 2025 single-query ResUNet ('snr'), training picks one non-silent slot per mixture at random from
-    `generator` (the official 2025 one-label training); validation (generator None) scores every non-silent slot
-    instead.
-    """
-    if loss_name not in sum(LOSSES.values(), ()):
-        raise ValueError(f"unknown loss {loss_name!r}; expected one of {', '.join(sum(LOSSES.values(), ()))}")
-    mixture = batch["mixture"]  # (B, 4, L)
-    if loss_name == "pit_cross_entropy":
-        logits = model(mixture).float()  # (B, 3, 19)
-        return pit_cross_entropy(logits, batch["label_vector"])[0], logits
-    if loss_name == "binary_cross_entropy":
-        logits = model(mixture).float()  # (B, 18)
-        return binary_cross_entropy(logits.sigmoid(), batch["label_vector"]), logits
-    queries, targets = batch["label_vector"], batch["dry_sources"][:, :, 0]  # (B, 3, 18), (B, 3, L)
-    active = (queries != 0).any(-1)  # (B, 3)
-    if loss_name == "snr" and generator is not None:
-        slot = torch.multinomial(active.float().cpu(), 1, generator=generator).to(mixture.device)  # (B, 1)
-        query = queries.gather(1, slot[:, :, None].expand(-1, -1, queries.shape[-1]))  # (B, 1, 18)
-        target = targets.gather(1, slot[:, :, None].expand(-1, -1, targets.shape[-1]))  # (B, 1, L)
-        preds = model(mixture, query).float()  # (B, 1, L)
-        return snr_loss(preds[:, 0], target[:, 0]), preds
-    preds = model(mixture, queries).float()  # (B, 3, L)
-    if loss_name == "class_aware_pit_snr":
-        return class_aware_pit_snr_loss(preds, targets, queries)[0], preds
-    if loss_name == "snr_masked":
-        return masked_snr_loss(preds, targets, active), preds
-    return -snr(preds.double(), targets.double())[active].mean(), preds  # 'snr' validation: every real source
-
-
-class ValidationSet:
-    """This rank's validation mixtures, rendered once (at the first validation) and kept for all later ones.
-
-    They stay in memory up to VALID_MEMORY_BYTES per rank and otherwise go to memory-mapped files in the run folder
-    (the official separator validation keeps 4 mixture channels and 3 dry targets: about 9 MB per 10 s mixture).
-    The files are unlinked at creation, so they vanish with the process whatever way it ends. The single rendering
-    pass keeps no RIR spectra beyond each batch, so the training device's cache stays as it is. Iterating yields
-    batches of `batch_size` on the device.
-    """
-
-    def __init__(self, loader, device: torch.device, count: int, batch_size: int, folder: Path, cache_dir):
-        self.loader, self.count, self.batch_size, self.folder = loader, count, batch_size, folder
-        self.renderer = BatchRenderer(device, 0, cache_dir)
-        self.stored = None  # key -> tensor [count, ...] or list [count]
-
-    def _render(self) -> dict:
-        stored, start = {}, 0
-        for batch in self.loader:
-            batch = self.renderer(batch)
-            batch.pop("metadata", None)
-            tensors = {key: value for key, value in batch.items() if torch.is_tensor(value)}
-            if not stored:
-                in_memory = self.count * sum(value[0].nbytes for value in tensors.values()) <= VALID_MEMORY_BYTES
-                if not in_memory:
-                    self.folder.mkdir(parents=True, exist_ok=True)
-                for key, value in batch.items():
-                    shape = (self.count, *value.shape[1:]) if key in tensors else None
-                    if shape is None:
-                        stored[key] = []
-                    elif in_memory:
-                        stored[key] = torch.empty(shape, dtype=value.dtype)
-                    else:
-                        file = tempfile.TemporaryFile(dir=self.folder)
-                        dtype = torch.empty(0, dtype=value.dtype).numpy().dtype
-                        stored[key] = torch.from_numpy(np.memmap(file, dtype, "w+", shape=shape))
-            size = len(batch["label"])
-            for key, value in batch.items():
-                if key in tensors:
-                    stored[key][start:start + size].copy_(value)
-                else:
-                    stored[key] += value
-            start += size
-        self.renderer = BatchRenderer(self.renderer.device, 0)  # frees the RIR spectra of the rendering pass
-        return stored
-
-    def __iter__(self):
-        if self.stored is None:
-            self.stored = self._render()
-        for start in range(0, self.count, self.batch_size):
-            yield self.renderer({key: value[start:start + self.batch_size] for key, value in self.stored.items()})
-
-
-@torch.no_grad()
-def validate(model, loader, config: TrainConfig, loss_name: str, device, autocast, world_size: int,
-             stop=None) -> dict:
-    """Validation loss over this rank's share of valid.json, plus CAPI-SDRi with oracle labels (separation) or
-    the label accuracies (tagging; the labels come from the logits of the loss, by the tagger's predict rule); the
-    per-mixture records of all ranks are gathered before averaging. A stop request (StopRequest) ends it after the
-    current batch: the result then covers fewer mixtures."""
-    model.eval()
-    records = []  # (loss, mixtures) per batch and per-mixture scores
-    scores = []
-    for batch in loader:  # already on the device
-        with autocast:
-            loss, estimated = compute_loss(model, batch, loss_name)  # separation: estimated [B, 3, L]
-        if config.task == "tagging":
-            estimated = model.labels_from_logits(estimated)[0]  # labels, 3 per mixture
-        records.append((loss.item(), len(batch["label"])))
-        for b, labels in enumerate(batch["label"]):
-            if config.task == "tagging":
-                scores.append(label_counts(estimated[b], labels))
-            else:
-                scores.append(capi_sdri(labels, estimated[b].cpu(), labels, batch["dry_sources"][b, :, 0].cpu(),
-                                        batch["mixture"][b, 0].cpu()))
-        if stop is not None and stop.requested:
-            break
-    model.train()
-    if world_size > 1:
-        gathered = [None] * world_size
-        dist.all_gather_object(gathered, (records, scores))
-        records = [record for part in gathered for record in part[0]]
-        scores = [score for part in gathered for score in part[1]]
-    result = {"loss": sum(loss * count for loss, count in records) / sum(count for _, count in records),
-              "mixtures": sum(count for _, count in records)}
-    if config.task == "tagging":
-        result["accuracy_mix"], result["accuracy_src"] = label_accuracies(scores)
-    else:
-        counted = [score for score in scores if score is not None]
-        result["capi_sdri"] = sum(counted) / len(counted) if counted else float("nan")
-    return result
-
-
-def code_version() -> str:
-    """Short git hash of the code, '<hash>-dirty' when tracked files have uncommitted changes, or 'unknown'."""
-    def git(*args: str) -> str:
-        return subprocess.run(["git", *args], capture_output=True, text=True, timeout=5,
-                              cwd=Path(__file__).resolve().parent).stdout.strip()
-    try:
-        commit = git("rev-parse", "--short", "HEAD")
-        return commit + ("-dirty" if git("status", "--porcelain", "--untracked-files=no") else "") if commit \
-            else "unknown"
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-
-
-def rng_states() -> dict:
-    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
-
-
-def set_rng_states(states: dict) -> None:
-    random.setstate(states["python"])
-    np.random.set_state(states["numpy"])
-    torch.set_rng_state(states["torch"])
-    if states["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(states["cuda"])
-
-
-def save_checkpoint(path: Path, state: dict) -> None:
-    """torch.save to a temporary file, then an atomic rename: a crash never leaves a half-written checkpoint."""
-    temporary = path.with_name(path.name + ".tmp")
-    torch.save(state, temporary)
-    os.replace(temporary, path)
-
-
-def memory_gb(device: torch.device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**30
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB: peak RSS
-
-
-def format_seconds(seconds: float) -> str:
-    seconds = int(seconds)
-    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Helpers: batch split, checkpoints and initial weights, stop requests, step status
-# ----------------------------------------------------------------------------------------------------------
-def split_batch(global_batch: int, world_size: int, batch_size: int, exact: bool) -> tuple[int, int]:
-    """(per-device batch, accumulation steps) with per-device batch x world size x accumulation = global batch.
-
-    The per-device batch is the largest divisor of global_batch / world_size that is at most `batch_size`
-    (fewest accumulation steps, largest BatchNorm batch), or exactly `batch_size` when `exact`. Errors name the
-    nearest values that work."""
-    per_device, remainder = divmod(global_batch, world_size)
-    if remainder or not per_device:
-        lower = global_batch // world_size * world_size
-        options = " or ".join(str(value) for value in (lower, lower + world_size) if value > 0)
-        raise SystemExit(f"--global_batch {global_batch} cannot be split over world size {world_size}: use "
-                         f"--global_batch {options} (a multiple of the world size)")
-    divisors = [value for value in range(1, per_device + 1) if per_device % value == 0]
-    if not exact:
-        batch_size = max(value for value in divisors if value <= batch_size)
-    elif batch_size not in divisors:
-        options = " or ".join(str(value) for value in ([max(d for d in divisors if d < batch_size)] +
-                                                         [d for d in divisors if d > batch_size][:1]))
-        raise SystemExit(f"--batch_size {batch_size} does not divide the {per_device} mixtures per device "
-                         f"(--global_batch {global_batch} / world size {world_size}): use --batch_size {options}, "
-                         "or leave --batch_size out to derive it")
-    return batch_size, per_device // batch_size
-
-
-def compact_names(names: list[str], shown: int = 3) -> str:
-    return f"{len(names)} ({', '.join(names[:shown])}{', ...' if len(names) > shown else ''})"
-
-
-def config_differences(saved: dict, current, section: str) -> str:
-    """'' when a checkpoint's model configuration gives weights of the same layout as this run's, otherwise one
-    line such as 'checkpoint has separator.base_channels 8, this run 16' naming every field that differs."""
-    current = dataclasses.asdict(current)
-
-    def plain(value):  # configurations read back from JSON hold lists where the dataclass holds tuples
-        return list(value) if isinstance(value, tuple) else value
-    keys = [key for key in [*current, *(key for key in saved if key not in current)]
-            if key not in TRAINING_ONLY_MODEL_FIELDS and plain(saved.get(key)) != plain(current.get(key))]
-    if not keys:
-        return ""
-    return (f"checkpoint has {' and '.join(f'{section}.{key} {saved.get(key)}' for key in keys)}, this run "
-            f"{' and '.join(str(current.get(key)) for key in keys)}")
-
-
-def load_weights(model: torch.nn.Module, weights: dict, source: str, non_strict: bool, say) -> None:
-    """Load a state dict. Strict: a missing, unexpected or differently shaped tensor is a one-line error.
-    Non-strict: the tensors whose name and shape match are loaded, the others listed in one line."""
-    own = model.state_dict()
-    reshaped = [f"{key} {list(weights[key].shape)} in the checkpoint, {list(own[key].shape)} here"
-                for key in weights if key in own and weights[key].shape != own[key].shape]
-    problems = "; ".join(f"{label} {compact_names(keys)}" for label, keys in (
-        ("missing", [key for key in own if key not in weights]),
-        ("unexpected", [key for key in weights if key not in own]), ("other shape", reshaped)) if keys)
-    if problems and not non_strict:
-        raise SystemExit(f"{source}: the weights do not fit this model: {problems}"
-                         f"{'; --init_non_strict loads the matching tensors only' if 'init_from' in source else ''}")
-    matching = {key: value for key, value in weights.items() if key in own and value.shape == own[key].shape}
-    model.load_state_dict(matching, strict=False)
-    if problems:
-        say(f"--init_non_strict: loaded {len(matching)} of {len(own)} tensors from {source}; {problems}")
-
-
-def read_initial_checkpoint(path: str, kind: str, model: torch.nn.Module) -> tuple:
-    """--init_from file -> (its model configuration, or None for an official checkpoint; weights with our key
-    names; optimizer state dict or None; the names of the parameters in that optimizer's order or None).
-
-    An official Lightning checkpoint's optimizer held all parameters of the official module in order, which are
-    the parameter keys of its state_dict in order (buffers never enter an optimizer)."""
-    source = f"--init_from {path}"
-    if not Path(path).is_file():
-        raise SystemExit(f"{source}: file not found")
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=False)  # trusted files; Lightning pickles
-    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, AttributeError, ModuleNotFoundError) as error:
-        raise SystemExit(f"{source}: cannot read it as a checkpoint ({type(error).__name__}: {error})")
-    if isinstance(checkpoint, dict) and "kind" in checkpoint:
-        if checkpoint["kind"] != kind:
-            raise SystemExit(f"{source}: this is a {checkpoint['kind']} checkpoint, this run trains a {kind}")
-        return (checkpoint["model_config"], checkpoint["model"], checkpoint.get("optimizer"),
-                checkpoint.get("parameter_names"))
-    if not (isinstance(checkpoint, dict) and isinstance(checkpoint.get("state_dict"), dict)):
-        raise SystemExit(f"{source}: neither a nanoS5 checkpoint nor a Lightning checkpoint with a state_dict")
-    official = checkpoint["state_dict"]
-    try:
-        weights = remap_official_state_dict(official, kind, path)
-    except ValueError as error:
-        raise SystemExit(f"--init_from {error}")
-    parameters = {name for name, _ in model.named_parameters()} | OFFICIAL_ONLY_PARAMETERS
-    names = [next((new + key[len(old):] for old, new in OFFICIAL_PREFIXES[kind] if key.startswith(old)), key)
-             for key in official]
-    return (None, weights, (checkpoint.get("optimizer_states") or [None])[0],
-            [name for name in names if name in parameters])
-
-
-def map_optimizer_state(saved: dict, saved_names: list[str], model: torch.nn.Module, path: str) -> dict:
-    """An optimizer state dict saved for the parameters `saved_names` (in that optimizer's order) -> the state
-    dict for this model's parameters (all in one group, as ours and the official), matched by name. Parameters
-    the saved optimizer never stepped (frozen before) start with no state, as AdamW's own first step does."""
-    groups = saved.get("param_groups", [])
-    if len(groups) != 1 or len(groups[0]["params"]) != len(saved_names):
-        raise SystemExit(f"--init_optimizer: the optimizer in {path} has {len(groups)} parameter groups over "
-                         f"{sum(len(group['params']) for group in groups)} parameters; expected one group over the "
-                         f"{len(saved_names)} parameters of its model")
-    own = dict(model.named_parameters())
-    position = {name: index for index, name in enumerate(own)}
-    state = {}
-    for saved_id, name in zip(groups[0]["params"], saved_names):
-        entry = saved["state"].get(saved_id)
-        if entry is None or name not in own:
-            continue
-        shapes = {tuple(value.shape) for value in entry.values() if torch.is_tensor(value) and value.dim()}
-        if shapes - {tuple(own[name].shape)}:
-            raise SystemExit(f"--init_optimizer: the optimizer state of {name} in {path} has shape "
-                             f"{sorted(shapes)}, the parameter here {list(own[name].shape)}")
-        state[position[name]] = entry
-    return {"state": state, "param_groups": [dict(groups[0], params=list(range(len(own))))]}
-
-
-def load_optimizer_state(optimizer: torch.optim.Optimizer, saved: dict) -> None:
-    """Load the per-parameter state (moments, step counts) of a saved optimizer state dict. The group settings
-    (lr, betas, fused, ...) stay this optimizer's: torch's load_state_dict would replace them by the saved ones."""
-    groups = [dict(group, params=saved_group["params"])
-              for group, saved_group in zip(optimizer.state_dict()["param_groups"], saved["param_groups"])]
-    optimizer.load_state_dict({"state": saved["state"], "param_groups": groups})
 
 
 def setup_model(cli, config: TrainConfig, model_config, device: torch.device, world_size: int, say) -> tuple:
@@ -841,127 +414,96 @@ def setup_model(cli, config: TrainConfig, model_config, device: torch.device, wo
     return config, model, optimizer, scaler, step, best_loss, unused
 
 
-def flatten_record(record: dict) -> dict:
-    """{'preset': 'demo', 'train': {'lr': 0.001}} -> {'preset': 'demo', 'train.lr': 0.001}"""
-    flat = {}
-    for section, values in record.items():
-        if isinstance(values, dict):
-            flat.update({f"{section}.{key}": value for key, value in values.items()})
-        else:
-            flat[section] = values
-    return flat
+def learning_rate(step: int, config: TrainConfig) -> float:
+    if step < config.warmup_steps:
+        return config.lr * (step + 1) / config.warmup_steps
+    if config.lr_schedule == "constant":
+        return config.lr
+    progress = (step - config.warmup_steps) / max(1, config.max_steps - config.warmup_steps)
+    return config.min_lr + 0.5 * (config.lr - config.min_lr) * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
-def check_config_json(out_dir: Path, record: dict) -> None:
-    """A fresh run never writes into the folder of another run: an existing config.json must equal this run's
-    (re-running the same command before its first checkpoint is fine)."""
-    if not (out_dir / "config.json").is_file():
-        return
-    try:
-        old = flatten_record(json.loads((out_dir / "config.json").read_text()))
-    except (OSError, ValueError):
-        old = {"config.json": "unreadable"}
-    new = flatten_record(json.loads(json.dumps(record)))  # tuples -> lists, as read back from JSON
-    differences = [f"{key} {old.get(key)!r} there, {new.get(key)!r} here"
-                   for key in [*new, *(key for key in old if key not in new)] if old.get(key) != new.get(key)]
-    if differences:
-        raise SystemExit(f"{out_dir} already holds the config.json of another run ({'; '.join(differences[:3])}"
-                         f"{'; ...' if len(differences) > 3 else ''}); choose another --out_dir or delete it")
+def compute_loss(model, batch: dict, loss_name: str, generator: torch.Generator | None = None) -> tuple:
+    """(loss, model output) of one batch; the loss is a float64 scalar (metrics.py computes it in float64).
 
-
-class StopRequest:
-    """SIGINT, SIGTERM and SIGHUP as a request to stop after the current step, saving last.pt first.
-
-    torchrun forwards every signal it receives to each worker, and cluster schedulers (SLURM's scancel and time
-    limits) signal every process of the job, so a rank often receives the same request twice within
-    milliseconds: a signal within REPEAT_SIGNAL_SECONDS of the first one is the same request. A Ctrl-C after that
-    raises KeyboardInterrupt at once. The flag belongs to this process; ranks agree on it with `agreed` or
-    through StepStatus.
+    For the 2025 single-query ResUNet ('snr'), training picks one non-silent slot per mixture at random from
+    `generator` (the official 2025 one-label training); validation (generator None) scores every non-silent slot
+    instead.
     """
-
-    def __init__(self, announce: bool):
-        self.announce = announce  # rank 0 acknowledges the request on stderr the moment it arrives
-        self.signal_name, self.first_arrival = None, 0.0
-        self.pid = os.getpid()  # forked DataLoader workers inherit the handler; only this process stops
-
-    def install(self) -> None:
-        for signum in STOP_SIGNALS:
-            signal.signal(signum, self.handle)
-
-    def handle(self, signum: int, frame) -> None:
-        if os.getpid() != self.pid:
-            return
-        now = time.monotonic()
-        if self.signal_name is None:
-            self.signal_name, self.first_arrival = signal.Signals(signum).name, now
-            if self.announce:  # os.write, not print: the main thread may be inside a print right now
-                os.write(2, f"\n{self.signal_name}: stopping after this step (last.pt is saved first); Ctrl-C again "
-                            "to abort\n".encode())
-        elif signum == signal.SIGINT and now - self.first_arrival > REPEAT_SIGNAL_SECONDS:
-            raise KeyboardInterrupt
-
-    @property
-    def requested(self) -> bool:
-        return self.signal_name is not None
-
-    def agreed(self, device: torch.device, world_size: int) -> bool:
-        """True on every rank when any rank has a request. A collective: all ranks call it at the same point."""
-        flag = torch.tensor([float(self.requested)], device=device)
-        if world_size > 1:
-            dist.all_reduce(flag)
-        return flag.item() > 0
+    if loss_name not in sum(LOSSES.values(), ()):
+        raise ValueError(f"unknown loss {loss_name!r}; expected one of {', '.join(sum(LOSSES.values(), ()))}")
+    mixture = batch["mixture"]  # (B, 4, L)
+    if loss_name == "pit_cross_entropy":
+        logits = model(mixture).float()  # (B, 3, 19)
+        return pit_cross_entropy(logits, batch["label_vector"])[0], logits
+    if loss_name == "binary_cross_entropy":
+        logits = model(mixture).float()  # (B, 18)
+        return binary_cross_entropy(logits.sigmoid(), batch["label_vector"]), logits
+    queries, targets = batch["label_vector"], batch["dry_sources"][:, :, 0]  # (B, 3, 18), (B, 3, L)
+    active = (queries != 0).any(-1)  # (B, 3)
+    if loss_name == "snr" and generator is not None:
+        slot = torch.multinomial(active.float().cpu(), 1, generator=generator).to(mixture.device)  # (B, 1)
+        query = queries.gather(1, slot[:, :, None].expand(-1, -1, queries.shape[-1]))  # (B, 1, 18)
+        target = targets.gather(1, slot[:, :, None].expand(-1, -1, targets.shape[-1]))  # (B, 1, L)
+        preds = model(mixture, query).float()  # (B, 1, L)
+        return snr_loss(preds[:, 0], target[:, 0]), preds
+    preds = model(mixture, queries).float()  # (B, 3, L)
+    if loss_name == "class_aware_pit_snr":
+        return class_aware_pit_snr_loss(preds, targets, queries)[0], preds
+    if loss_name == "snr_masked":
+        return masked_snr_loss(preds, targets, active), preds
+    return -snr(preds.double(), targets.double())[active].mean(), preds  # 'snr' validation: every real source
 
 
-class StepStatus:
-    """What every step must tell all ranks (mean loss, non-finite values, gradient norm, stop request), without a
-    host-device synchronisation per step.
+@torch.no_grad()
+def validate(model, loader, config: TrainConfig, loss_name: str, device, autocast, world_size: int,
+             stop=None) -> dict:
+    """Validation loss over this rank's share of valid.json, plus CAPI-SDRi with oracle labels (separation) or
+    the label accuracies (tagging; the labels come from the logits of the loss, by the tagger's predict rule); the
+    per-mixture records of all ranks are gathered before averaging. A stop request (StopRequest) ends it after the
+    current batch: the result then covers fewer mixtures."""
+    model.eval()
+    records = []  # (loss, mixtures) per batch and per-mixture scores
+    scores = []
+    for batch in loader:  # already on the device
+        with autocast:
+            loss, estimated = compute_loss(model, batch, loss_name)  # separation: estimated [B, 3, L]
+        if config.task == "tagging":
+            estimated = model.labels_from_logits(estimated)[0]  # labels, 3 per mixture
+        records.append((loss.item(), len(batch["label"])))
+        for b, labels in enumerate(batch["label"]):
+            if config.task == "tagging":
+                scores.append(label_counts(estimated[b], labels))
+            else:
+                scores.append(capi_sdri(labels, estimated[b].cpu(), labels, batch["dry_sources"][b, :, 0].cpu(),
+                                        batch["mixture"][b, 0].cpu()))
+        if stop is not None and stop.requested:
+            break
+    model.train()
+    if world_size > 1:
+        gathered = [None] * world_size
+        dist.all_gather_object(gathered, (records, scores))
+        records = [record for part in gathered for record in part[0]]
+        scores = [score for part in gathered for score in part[1]]
+    result = {"loss": sum(loss * count for loss, count in records) / sum(count for _, count in records),
+              "mixtures": sum(count for _, count in records)}
+    if config.task == "tagging":
+        result["accuracy_mix"], result["accuracy_src"] = label_accuracies(scores)
+    else:
+        counted = [score for score in scores if score is not None]
+        result["capi_sdri"] = sum(counted) / len(counted) if counted else float("nan")
+    return result
 
-    The values are summed on the device and read on the host, all-reduced together with the stop request and
-    the step time, only at agreed steps: every log, checkpoint and validation step, and otherwise about every
-    STATUS_READ_SECONDS of wall time. Every rank computes the next read step from the same reduced timing, so
-    the ranks always read, and stop, at the same step. Checkpoints are written only right after a read, so a
-    step with a non-finite loss or gradient is never saved.
-    """
 
-    def __init__(self, config: TrainConfig, device: torch.device, world_size: int, step: int,
-                 check_gradients: bool):
-        self.config, self.device, self.world_size = config, device, world_size
-        self.check_gradients = check_gradients  # off under the fp16 GradScaler, which skips inf gradients itself
-        self.sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss, non-finite steps, gradient norm
-        self.steps, self.next_read, self.clock = 0, step + 1, time.perf_counter()
+def memory_gb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB: peak RSS
 
-    def add(self, loss: torch.Tensor, grad_norm: torch.Tensor) -> None:
-        """loss: this rank's mean loss of the step, grad_norm: the clipped gradients' norm (device scalars)."""
-        bad = ~torch.isfinite(loss) | (~torch.isfinite(grad_norm) if self.check_gradients else False)
-        self.sums += torch.stack([loss.double(), bad.double(), grad_norm.double()])
-        self.steps += 1
 
-    def due(self, step: int) -> bool:
-        config = self.config
-        return (step >= self.next_read or step == config.max_steps or
-                any(step % interval == 0 for interval in (config.log_interval, config.checkpoint_interval,
-                                                          config.eval_interval)))
-
-    def read(self, step: int, stop_requested: bool) -> dict:
-        """All-reduce and read the status (a collective). -> sums over the steps since the last read, averaged
-        over ranks: steps, loss, grad_norm, seconds; and non_finite, stop (True when on any rank)."""
-        host = torch.tensor([float(stop_requested), time.perf_counter() - self.clock], dtype=torch.float64)
-        status = torch.cat([self.sums, host.to(self.device)])
-        if self.world_size > 1:
-            dist.all_reduce(status)
-        loss, non_finite, grad_norm, stop, seconds = (value / self.world_size for value in status.tolist())
-        report = {"steps": self.steps, "loss": loss, "grad_norm": grad_norm, "seconds": seconds,
-                  "non_finite": non_finite > 0, "stop": stop > 0}
-        interval = int(STATUS_READ_SECONDS * self.steps / max(seconds, 1e-9))
-        self.next_read = step + max(1, min(self.config.log_interval, interval))
-        self.sums.zero_()
-        self.steps = 0
-        self.restart_clock()
-        return report
-
-    def restart_clock(self) -> None:
-        """Leave validation and checkpoint writing out of the step time."""
-        self.clock = time.perf_counter()
+def format_seconds(seconds: float) -> str:
+    seconds = int(seconds)
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
 
 
 def timed(iterable, totals: dict, key: str):

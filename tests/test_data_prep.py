@@ -13,9 +13,10 @@ import pytest
 import soundfile
 
 import data_prep
+import devset
 import synth
 
-RATE = synth.SAMPLE_RATE
+RATE = devset.SAMPLE_RATE
 SCRIPT = Path(data_prep.__file__).resolve()
 
 
@@ -91,7 +92,7 @@ def test_render_equals_dataset_and_is_idempotent(demo_dev_set, tmp_path):
     item = dataset[1]
     mixture, rate = soundfile.read(tmp_path / "soundscape" / f"{item['soundscape']}.wav", dtype="float32")
     assert rate == RATE and np.array_equal(mixture.T, item["mixture"].numpy())
-    labels = [label for label in item["label"] if label != synth.SILENCE]
+    labels = [label for label in item["label"] if label != devset.SILENCE]
     for slot, label in enumerate(labels):
         dry, _ = soundfile.read(tmp_path / "oracle_target" / f"{item['soundscape']}_{slot}_{label}.wav", dtype="float32")
         assert np.array_equal(dry, item["dry_sources"][slot, 0].numpy())

@@ -21,7 +21,8 @@ import evaluate
 import metrics
 import model
 import synth
-from synth import LABELS, SAMPLE_RATE, SILENCE, parse_source_name, read_audio
+from devset import LABELS, SAMPLE_RATE, SILENCE, read_audio
+from synth import parse_source_name
 
 REPOSITORY = Path(__file__).resolve().parent.parent
 LENGTH = SAMPLE_RATE  # 1 s mixtures keep each run to seconds

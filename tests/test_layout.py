@@ -9,8 +9,10 @@ import pytest
 import torch
 
 import data_prep
+import devset
+import render
 import synth
-import train
+import training_data
 
 
 def test_metadata_paths_resolve_against_the_dev_set(tmp_path):
@@ -18,7 +20,7 @@ def test_metadata_paths_resolve_against_the_dev_set(tmp_path):
     (dev_set / "sound_event" / "valid" / "Speech").mkdir(parents=True)
     (dev_set / "sound_event" / "valid" / "Speech" / "a.wav").write_bytes(b"")
     (tmp_path / "datasets" / "extra.wav").write_bytes(b"")
-    renderer = synth.Renderer(dev_set)
+    renderer = render.Renderer(dev_set)
     found = renderer.resolve("data/dev_set/sound_event/valid", "Speech/a.wav")
     assert found == dev_set / "sound_event/valid/Speech/a.wav"
     assert renderer.resolve("extra.wav") == tmp_path / "datasets" / "extra.wav"  # repository root = dev_set/../..
@@ -46,7 +48,7 @@ def test_generated_scenes_use_the_train_folders_in_the_official_form(demo_dev_se
     assert scene["config"]["background_dir"] == "data/dev_set/noise/train"
     assert scene["room"]["args"]["metadata"]["sofa_path"].startswith("data/dev_set/room_ir/train/room_")
     with pytest.raises(ValueError, match="split 'test'"):
-        synth.DataIndex(demo_dev_set, "test")
+        devset.DataIndex(demo_dev_set, "test")
 
 
 @pytest.fixture()
@@ -72,7 +74,7 @@ def test_everything_works_from_a_folder_holding_another_dev_set(demo_dev_set, ot
         assert torch.equal(item["mixture"], expected["mixture"]) and item["label"] == expected["label"]
     assert torch.equal(synth.GeneratedDataset(demo_dev_set, length=1, seed=3)[0]["mixture"], generated["mixture"])
     assert data_prep.render_metadata(valid, tmp_path / "rendered") == 4
-    train.check_data_root(demo_dev_set, synth.SceneConfig())
+    training_data.check_data_root(demo_dev_set, synth.SceneConfig())
     result = subprocess.run([sys.executable, str(Path(data_prep.__file__).resolve()), "verify", "--data",
                              str(demo_dev_set)], capture_output=True, text=True)
     assert result.returncode == 0 and result.stdout.endswith("ok\n"), result.stdout + result.stderr
@@ -83,7 +85,7 @@ def test_training_check_names_the_split_layout(demo_dev_set, tmp_path):
     for name in ("sound_event", "noise", "room_ir", "interference", "metadata"):
         (unsplit / name).mkdir(parents=True)
     with pytest.raises(SystemExit) as error:
-        train.check_data_root(unsplit, synth.SceneConfig())
+        training_data.check_data_root(unsplit, synth.SceneConfig())
     message = str(error.value)
     assert f"{unsplit / 'sound_event/train'} is missing (the official layout splits" in message
     assert "python data_prep.py demo" in message

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 import metrics
-from synth import SILENCE
+from devset import SILENCE
 
 FLOAT32_EPS = float(np.finfo(np.float32).eps)
 

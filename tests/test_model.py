@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 import model
-from synth import LABELS, SAMPLE_RATE, SILENCE
+from devset import LABELS, SAMPLE_RATE, SILENCE
 
 SMALL_VIT = dict(embed_dim=128, depth=2, num_heads=2)  # ViT for fast tests; input/patch sizes stay official
 

@@ -9,7 +9,7 @@ import torch
 
 import metrics
 import report
-from synth import LABELS, SILENCE
+from devset import LABELS, SILENCE
 
 # Six mixtures: (reference labels, estimate labels, CAPI-SDRi value, source pairs (reference, estimate, sdri)).
 CASES = {

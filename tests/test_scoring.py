@@ -11,7 +11,7 @@ import torch
 
 import evaluate as evaluate_module
 import metrics
-from synth import SAMPLE_RATE, SILENCE
+from devset import SAMPLE_RATE, SILENCE
 
 REPOSITORY = Path(__file__).resolve().parent.parent
 LENGTH = SAMPLE_RATE // 4  # 0.25 s mixtures keep the test fast

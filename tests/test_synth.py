@@ -12,9 +12,11 @@ import soundfile
 import torch
 
 import data_prep
+import devset
+import render
 import synth
 
-RATE = synth.SAMPLE_RATE
+RATE = devset.SAMPLE_RATE
 
 
 def write_room(path, taps=4000, positions=None, spherical=True, rate=RATE, seed=0):
@@ -41,7 +43,7 @@ def cartesian(spherical):
 
 
 def reference_render(scene, root):
-    """Exact float64 SpAudSyn computation (scipy.signal.fftconvolve), written independently of synth.py."""
+    """Exact float64 SpAudSyn computation (scipy.signal.fftconvolve), written independently of render.py."""
     config = scene["config"]
     room_path = root / scene["room"]["args"]["metadata"]["sofa_path"]
     with h5py.File(room_path) as file:
@@ -117,7 +119,7 @@ def small_scene(tmp_path):
 
 def test_render_matches_exact_float64_levels_and_dry_window(small_scene):
     scene, root = small_scene
-    rendered = synth.Renderer(root / "data" / "dev_set").render(scene)
+    rendered = render.Renderer(root / "data" / "dev_set").render(scene)
     mixture, dry, levels = reference_render(scene, root)
     assert abs(levels[0]) < 1e-9 and abs(levels[2]) < 1e-9  # event level = ref_db + snr over the full wet
     assert levels[1] == 1793  # direct-path window length
@@ -131,9 +133,9 @@ def test_render_matches_exact_float64_levels_and_dry_window(small_scene):
 
 def test_disk_spectrum_cache_gives_identical_renders(small_scene, tmp_path, monkeypatch):
     scene, root = small_scene
-    monkeypatch.setattr(synth, "spectrum_cache_megabytes", 0)  # every render goes to the disk cache
-    plain = synth.Renderer(root / "data" / "dev_set").render(scene)
-    renderer = synth.Renderer(root / "data" / "dev_set", cache_dir=tmp_path / "cache")
+    monkeypatch.setattr(render, "spectrum_cache_megabytes", 0)  # every render goes to the disk cache
+    plain = render.Renderer(root / "data" / "dev_set").render(scene)
+    renderer = render.Renderer(root / "data" / "dev_set", cache_dir=tmp_path / "cache")
     first, second = renderer.render(scene), renderer.render(scene)  # written, then read back
     (folder,) = (tmp_path / "cache").iterdir()
     assert sorted(path.name for path in folder.iterdir()) == ["2.npy", "4.npy"]  # 4 channels + direct window
@@ -152,24 +154,24 @@ def test_render_errors_name_the_file(small_scene, tmp_path):
     bad = json.loads(json.dumps(scene))
     bad["fg_events"][0]["event_position"] = [[0.3, 0.3, 0.3]]
     with pytest.raises(ValueError, match="no RIR at position"):
-        synth.Renderer(root / "data" / "dev_set").render(bad)
+        render.Renderer(root / "data" / "dev_set").render(bad)
     bad = json.loads(json.dumps(scene))
     bad["fg_events"][0]["source_file"] = "Speech/missing.wav"
     with pytest.raises(ValueError, match="missing.wav"):
-        synth.Renderer(root / "data" / "dev_set").render(bad)
+        render.Renderer(root / "data" / "dev_set").render(bad)
     soundfile.write(root / "fg" / "Speech" / "a.wav", np.zeros(64002), 16000)
     with pytest.raises(ValueError, match="a.wav: sample rate 16000"):
-        synth.Renderer(root / "data" / "dev_set").render(scene)
+        render.Renderer(root / "data" / "dev_set").render(scene)
     (root / "rooms" / "r.sofa").write_bytes(b"not hdf5")
     with pytest.raises(ValueError, match="r.sofa: unreadable SOFA"):
-        synth.Renderer(root / "data" / "dev_set").render(scene)
+        render.Renderer(root / "data" / "dev_set").render(scene)
 
 
 def test_sofa_spherical_and_cartesian_positions(tmp_path):
     spherical = [[0.0, 0.0, 0.75], [90.0, 20.0, 1.5], [225.0, -10.0, 1.0]]
     write_room(tmp_path / "s.sofa", positions=spherical)
     write_room(tmp_path / "c.sofa", positions=[cartesian(p) for p in spherical], spherical=False)
-    rooms = synth.SofaRoom(tmp_path / "s.sofa"), synth.SofaRoom(tmp_path / "c.sofa")
+    rooms = devset.SofaRoom(tmp_path / "s.sofa"), devset.SofaRoom(tmp_path / "c.sofa")
     np.testing.assert_allclose(rooms[0].positions, rooms[1].positions, atol=1e-12)
     assert rooms[0].find_position([[0.0, 1.5 * math.cos(math.radians(20)) + 0.0005, 1.5 * math.sin(math.radians(20))]]) == 1
     with pytest.raises(ValueError, match="tolerance 1 mm"):
@@ -180,7 +182,7 @@ def test_sofa_spherical_and_cartesian_positions(tmp_path):
 
 def test_sofa_resampled_to_32k(tmp_path):
     write_room(tmp_path / "r.sofa", taps=2000, rate=16000)
-    room = synth.SofaRoom(tmp_path / "r.sofa")
+    room = devset.SofaRoom(tmp_path / "r.sofa")
     assert room.rir_length == 4000 and room.rir(0).shape == (4, 4000)
 
 
@@ -253,7 +255,7 @@ def test_waveform_mode_names(demo_dev_set, tmp_path):
 
 
 def test_label_vector_modes():
-    labels = ["Speech", "Speech", synth.SILENCE]
+    labels = ["Speech", "Speech", devset.SILENCE]
     assert synth.label_vector(labels, "stack", "onehot").shape == (3, 19)
     assert synth.label_vector(labels, "concat", "zeros").shape == (54,)
     multihot = synth.label_vector(labels, "multihot", "onehot")
@@ -266,10 +268,10 @@ def test_index_errors(tmp_path):
     (tmp_path / "room_ir" / "train").mkdir(parents=True)
     write_room(tmp_path / "room_ir" / "train" / "r.sofa")
     with pytest.raises(ValueError, match="Speech: empty class folder"):
-        synth.DataIndex(tmp_path)
+        devset.DataIndex(tmp_path)
     soundfile.write(tmp_path / "sound_event" / "train" / "Speech" / "x.wav", np.zeros((100, 2)), RATE)
     with pytest.raises(ValueError, match="x.wav: 2 channels, expected 1"):
-        synth.DataIndex(tmp_path)
+        devset.DataIndex(tmp_path)
 
 
 STYLES = {"tagger": (synth.SceneConfig(nevent_range=(0, 3)), dict(num_channels=1, return_sources=False)),
@@ -282,21 +284,21 @@ def test_device_rendering_equals_worker_rendering(style, gpu_code, demo_dev_set,
     """Workers read, the device renders the batch: same mixtures, dry targets and labels as rendering per item,
     also with the code written for GPUs (torch.fft, indexed copies) run on the CPU; a scene of the batch still
     renders back from its metadata."""
-    monkeypatch.setattr(synth, "CPU_KERNELS", not gpu_code)
+    monkeypatch.setattr(render, "CPU_KERNELS", not gpu_code)
     scene, options = STYLES[style]
     workers = synth.GeneratedDataset(demo_dev_set, scene, length=6, seed=5, label_vector_mode="stack",
                                      silence_label_mode="onehot", **options)
     device = synth.GeneratedDataset(demo_dev_set, scene, length=6, seed=5, label_vector_mode="stack",
                                     silence_label_mode="onehot", render=False, **options)
-    monkeypatch.setattr(synth, "CPU_KERNELS", True)  # the reference: per item, scipy on the CPU
+    monkeypatch.setattr(render, "CPU_KERNELS", True)  # the reference: per item, scipy on the CPU
     expected = synth.collate([workers[index] for index in range(6)])
-    monkeypatch.setattr(synth, "CPU_KERNELS", not gpu_code)
+    monkeypatch.setattr(render, "CPU_KERNELS", not gpu_code)
     batch = synth.collate([device[index] for index in range(6)])
     assert "mixture" not in batch and batch["scene"]["background"].shape == expected["mixture"].shape
     # What the DataLoader's pin_memory (on CUDA) makes of the keys: tuples become lists.
     batch["scene"]["rir_keys"] = [[path, position, list(window)] for path, position, window in
                                   batch["scene"]["rir_keys"]]
-    rendered = synth.BatchRenderer("cpu", 64)(batch)
+    rendered = render.BatchRenderer("cpu", 64)(batch)
     channels = 1 if style == "tagger" else 4
     assert rendered["mixture"].shape == (6, channels, 320000)
     peak = expected["mixture"].abs().max()
@@ -304,14 +306,14 @@ def test_device_rendering_equals_worker_rendering(style, gpu_code, demo_dev_set,
     assert rendered["label"] == expected["label"] and torch.equal(rendered["label_vector"], expected["label_vector"])
     if style == "tagger":
         assert "dry_sources" not in rendered and "dry_sources" not in expected
-        full = synth.Renderer(demo_dev_set).render(batch["metadata"][0])["mixture"][0]  # the tagger reads channel 0
+        full = render.Renderer(demo_dev_set).render(batch["metadata"][0])["mixture"][0]  # the tagger reads channel 0
         assert np.max(np.abs(rendered["mixture"][0, 0].numpy() - full)) <= 1e-4 * np.max(np.abs(full))
     else:
         assert rendered["dry_sources"].shape == (6, 3, 1, 320000)
         dry_peak = expected["dry_sources"].abs().max()
         assert (rendered["dry_sources"] - expected["dry_sources"]).abs().max() <= 1e-4 * dry_peak
         for number in range(6):  # silence slots are all zeros, the others are real targets
-            silent = [label == synth.SILENCE for label in rendered["label"][number]]
+            silent = [label == devset.SILENCE for label in rendered["label"][number]]
             assert [bool(source.abs().max() == 0) for source in rendered["dry_sources"][number]] == silent
     (tmp_path / "scene.json").write_text(json.dumps(batch["metadata"][1]))
     again = synth.MetadataDataset(tmp_path, data_root=demo_dev_set, num_channels=options.get("num_channels"))[0]
@@ -321,7 +323,7 @@ def test_device_rendering_equals_worker_rendering(style, gpu_code, demo_dev_set,
 def test_gpu_code_keeps_every_tensor_on_the_device(demo_dev_set):
     """The rendering code for GPUs run on the 'meta' device, where any tensor left on the CPU is an error."""
     dataset = synth.GeneratedDataset(demo_dev_set, length=3, seed=2, render=False)
-    rendered = synth.BatchRenderer("meta", 64)(synth.collate([dataset[index] for index in range(3)]))
+    rendered = render.BatchRenderer("meta", 64)(synth.collate([dataset[index] for index in range(3)]))
     for key in ("mixture", "dry_sources", "label_vector"):
         assert rendered[key].device.type == "meta"
     assert rendered["mixture"].shape == (3, 4, 320000) and rendered["dry_sources"].shape == (3, 3, 1, 320000)
@@ -330,7 +332,7 @@ def test_gpu_code_keeps_every_tensor_on_the_device(demo_dev_set):
 def test_rir_spectra_stay_within_their_bound_and_give_the_same_mixtures(demo_dev_set):
     dataset = synth.GeneratedDataset(demo_dev_set, length=8, seed=4, render=False)
     batches = [synth.collate([dataset[index] for index in range(first, first + 2)]) for first in range(0, 8, 2)]
-    unbounded, bounded = synth.BatchRenderer("cpu", 1024), synth.BatchRenderer("cpu", 0)
+    unbounded, bounded = render.BatchRenderer("cpu", 1024), render.BatchRenderer("cpu", 0)
     largest = max(len(set(batch["scene"]["rir_keys"])) for batch in batches)
     for batch in batches + batches:
         expected, actual = unbounded(batch)["mixture"], bounded(batch)["mixture"]

@@ -14,7 +14,10 @@ from pathlib import Path
 import pytest
 import torch
 
+import checkpoint
+import cluster
 import train
+import training_data
 from model import SeparatorConfig, TaggerConfig, build_separator, build_tagger, load_separator, load_tagger
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -84,18 +87,18 @@ def test_bad_data_root_names_the_data_commands(tmp_path, capsys):
 
 def test_batch_split_follows_the_world_size():
     # (global batch, world size, batch size, exact) -> (per-device batch, accumulation)
-    assert train.split_batch(4, 2, 4, exact=False) == (2, 1)  # separator demo preset under 2 processes
-    assert train.split_batch(4, 4, 4, exact=False) == (1, 1)
-    assert train.split_batch(16, 4, 16, exact=False) == (4, 1)  # tagger demo preset under 4 processes
-    assert train.split_batch(16, 1, 4, exact=False) == (4, 4)  # official separator on one GPU
-    assert train.split_batch(6, 1, 4, exact=False) == (3, 2)  # only --global_batch given: largest batch that fits
-    assert train.split_batch(16, 2, 4, exact=True) == (4, 2)
+    assert cluster.split_batch(4, 2, 4, exact=False) == (2, 1)  # separator demo preset under 2 processes
+    assert cluster.split_batch(4, 4, 4, exact=False) == (1, 1)
+    assert cluster.split_batch(16, 4, 16, exact=False) == (4, 1)  # tagger demo preset under 4 processes
+    assert cluster.split_batch(16, 1, 4, exact=False) == (4, 4)  # official separator on one GPU
+    assert cluster.split_batch(6, 1, 4, exact=False) == (3, 2)  # only --global_batch given: largest batch that fits
+    assert cluster.split_batch(16, 2, 4, exact=True) == (4, 2)
     with pytest.raises(SystemExit, match="--global_batch 16 cannot be split over world size 3: use --global_batch "
                                          "15 or 18"):
-        train.split_batch(16, 3, 4, exact=False)
+        cluster.split_batch(16, 3, 4, exact=False)
     with pytest.raises(SystemExit, match="--batch_size 3 does not divide the 8 mixtures per device .*use "
                                          "--batch_size 2 or 4"):
-        train.split_batch(16, 2, 3, exact=True)
+        cluster.split_batch(16, 2, 3, exact=True)
 
 
 def test_print_config_shows_each_value_and_its_origin(tmp_path, capsys):
@@ -142,15 +145,15 @@ def test_official_optimizer_state_maps_by_parameter_name(kind, tmp_path):
     optimizer.step()
     torch.save({"state_dict": {key: value.detach() for key, value in official.items()},
                 "optimizer_states": [optimizer.state_dict()]}, tmp_path / "official.ckpt")
-    _, weights, saved, names = train.read_initial_checkpoint(str(tmp_path / "official.ckpt"), kind, model)
-    mapped = train.map_optimizer_state(saved, names, model, "official.ckpt")
+    _, weights, saved, names = checkpoint.read_initial_checkpoint(str(tmp_path / "official.ckpt"), kind, model)
+    mapped = checkpoint.map_optimizer_state(saved, names, model, "official.ckpt")
     ours = list(dict(model.named_parameters()))
     assert len(mapped["state"]) == sum(parameter.requires_grad for parameter in model.parameters())
     for index, state in mapped["state"].items():
         expected = optimizer.state[parameters[ours[index]]]
         assert torch.equal(state["exp_avg"], expected["exp_avg"]), ours[index]
     fresh = torch.optim.AdamW(model.parameters(), lr=1e-5, amsgrad=True, fused=True)
-    train.load_optimizer_state(fresh, mapped)
+    checkpoint.load_optimizer_state(fresh, mapped)
     assert fresh.param_groups[0]["fused"] and fresh.param_groups[0]["lr"] == 1e-5  # the group stays ours
 
 
@@ -409,7 +412,7 @@ def test_validation_renders_once_and_tagging_validation_runs_the_model_once(demo
                         read_scene(self, index))
     monkeypatch.setattr(Tagger, "forward", lambda self, waveform: forwards.append(1) or forward(self, waveform))
     monkeypatch.setattr(train, "validate", counted_validate)
-    monkeypatch.setattr(train, "VALID_MEMORY_BYTES", 0)
+    monkeypatch.setattr(training_data, "VALID_MEMORY_BYTES", 0)
     train.main(tiny_args("tagging", demo_dev_set, tmp_path, "--render_on", "device", "--eval_interval", "1"))
     assert sorted(reads) == [0, 1]
     assert validations == [2, 2]  # forward calls of each validation: 2 batches of 1 mixture
@@ -425,12 +428,12 @@ def test_render_on_and_num_workers_defaults(monkeypatch):
         train.resolve_config(["--num_workers", "-2"])
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)))
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
-    assert train.default_num_workers() == 3  # 4 cores per rank, one for the training process
+    assert training_data.default_num_workers() == 3  # 4 cores per rank, one for the training process
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1})
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
-    assert train.default_num_workers() == 1
+    assert training_data.default_num_workers() == 1
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")
-    assert train.default_num_workers() == 1
+    assert training_data.default_num_workers() == 1
 
 
 def test_native_bf16_detection(monkeypatch):
