@@ -12,7 +12,6 @@ Dtypes: metrics run in the dtype of their inputs (float32 for WAV files, as the 
 precision is cast up to float32 first; losses are always computed in float64 (the official validation loss
 is float64 because its dry targets are) and return float64 scalars.
 """
-import argparse
 import collections
 import itertools
 import math
@@ -21,6 +20,7 @@ import time
 import torch
 import torch.nn.functional as F
 
+from cli import StrictParser
 from devset import LABELS, NUM_SLOTS, SAMPLE_RATE, SILENCE
 
 INVALID_COST = 1e9  # class-aware PIT cost of pairing slots of different classes; never chosen
@@ -353,10 +353,12 @@ def binary_cross_entropy(probabilities: torch.Tensor, targets: torch.Tensor) -> 
 # Benchmark
 # ----------------------------------------------------------------------------------------------------------
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = StrictParser(description=__doc__)
     parser.add_argument("--bench", action="store_true", help="time CAPI-SDRi per 10 s mixture on one CPU core")
     parser.add_argument("--mixtures", type=int, default=200, help="mixtures to time")
     args = parser.parse_args()
+    if args.mixtures < 1:
+        parser.error(f"--mixtures {args.mixtures}: expected a positive number")
     if not args.bench:
         parser.print_help()
         return

@@ -10,7 +10,6 @@ separator), so official weights load strictly through the small remap table next
     ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2 python model.py --bench --device cpu
                                                               # as on a CPU without AVX-512 (torch, oneDNN, MKL)
 """
-import argparse
 import dataclasses
 import math
 import platform
@@ -24,7 +23,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torchaudio
 
-from cli import add_config_flags, config_from_args
+from cli import StrictParser, add_config_flags, config_from_args
 from devset import LABELS, NUM_SLOTS, SAMPLE_RATE, SILENCE
 
 NUM_CLASSES = len(LABELS)  # 18 target classes: the separator's query size
@@ -799,7 +798,7 @@ class BenchConfig:
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = StrictParser(description=__doc__)
     parser.add_argument("--bench", action="store_true", help="time forward+backward of the models")
     add_config_flags(parser, BenchConfig)
     arguments = parser.parse_args()
@@ -809,6 +808,8 @@ def main():
     config = config_from_args(arguments, BenchConfig)
     if config.batch_size < 2:
         parser.error("--batch_size must be at least 2 (train-mode BatchNorm needs more than one item)")
+    if config.steps < 1 or config.seconds <= 0:
+        parser.error(f"--steps {config.steps} --seconds {config.seconds}: expected a positive number of each")
     if config.device == "auto":
         config.device = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(config.device)

@@ -361,3 +361,17 @@ def test_user_errors_are_one_line_and_change_nothing(checkpoints, data, tmp_path
     assert exit_info.value.code == 2
     assert error.strip() == "data_prep.py: error: unknown argument: --ou (did you mean --out?)"
     assert not out.exists()
+
+
+@pytest.mark.parametrize("module, arguments, expected", [
+    (synth, ["--bench", "--count", "0"], "synth.py: error: --count 0: expected a positive number"),
+    (synth, ["--bench", "--worker_pass", "2"], "synth.py: error: unknown argument: --worker_pass (did you mean "
+                                               "--worker_passes?)"),
+    (metrics, ["--bench", "--mixtures", "-1"], "metrics.py: error: --mixtures -1: expected a positive number"),
+    (model, ["--bench", "--steps", "0"], "model.py: error: --steps 0 --seconds 10.0: expected a positive number of each"),
+])
+def test_benchmark_commands_answer_bad_flags_in_one_line(module, arguments, expected, monkeypatch, capsys):
+    monkeypatch.setattr(sys, "argv", [f"{module.__name__}.py", *arguments])
+    with pytest.raises(SystemExit) as exit_info:
+        module.main()
+    assert exit_info.value.code == 2 and capsys.readouterr().err.strip() == expected

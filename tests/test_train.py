@@ -210,8 +210,9 @@ def test_torchrun_second_tagger_stage_continues_the_optimizer(demo_dev_set, tmp_
     """The tagger demo preset under 2 processes without batch flags (head only, as the official first stage),
     then the m2dat_1c_2blks preset from its last.pt: weights, AdamW state and the head stage's lr 1e-3."""
     head, blocks = tmp_path / "head", tmp_path / "2blks"
-    first = run_script(tiny_args("tagging", demo_dev_set, head, "--tagger.finetuning", "head", batch=False),
-                       torchrun=True)
+    official_head_stage = ("--tagger.finetuning", "head", "--lr_schedule", "constant",  # M2D's patches, not the demo's
+                           "--tagger.input_size", "80", "1001", "--tagger.patch_size", "16", "16")
+    first = run_script(tiny_args("tagging", demo_dev_set, head, *official_head_stage, batch=False), torchrun=True)
     assert first.returncode == 0, first.stdout + first.stderr
     assert "global batch 16 = batch 8 x world size 2 x accumulation 1" in first.stdout
     second = run_script(tiny_args("tagging", demo_dev_set, blocks, "--init_from", str(head / "last.pt"),
@@ -256,7 +257,9 @@ def test_torchrun_group_sigterm_then_resume_matches_an_uninterrupted_run(demo_de
     twice: once directly, once forwarded by torchrun). last.pt is written, and --resume from it ends with the
     same parameters as an uninterrupted run. The separator demo preset runs without batch flags."""
     straight, stopped = tmp_path / "straight", tmp_path / "stopped"
-    args = ["--max_steps", "6", "--eval_interval", "100000", "--checkpoint_interval", "100000"]
+    # The stopped run has a larger --max_steps (it must not finish first), so the lr must not depend on it.
+    args = ["--max_steps", "6", "--eval_interval", "100000", "--checkpoint_interval", "100000", "--lr_schedule",
+            "constant"]
     reference = run_script(tiny_args("separation", demo_dev_set, straight, *args, batch=False), torchrun=True)
     assert reference.returncode == 0, reference.stdout + reference.stderr
     assert "global batch 4 = batch 2 x world size 2 x accumulation 1" in reference.stdout
