@@ -32,9 +32,9 @@ import torch
 import torchaudio
 
 from cli import StrictParser, add_config_flags, config_from_args
-from devset import LABELS, SAMPLE_RATE, SPLITS, DataIndex
+from devset import LABELS, SAMPLE_RATE, SPLITS, DataIndex, audio_info
 from render import Renderer
-from synth import GeneratedDataset, SceneConfig, find_dev_set, metadata_files, parse_source_name
+from synth import GeneratedDataset, SceneConfig, find_dev_set, index_sources, metadata_files
 
 SPEED_OF_SOUND = 343.0  # m/s
 MIC_POSITIONS = 0.042 * np.array([[1, 1, 1], [1, -1, -1], [-1, 1, -1], [-1, -1, 1]]) / np.sqrt(3)  # m, tetrahedron
@@ -387,29 +387,23 @@ def verify(data):
     test = data / "synthesized" / "test"
     if (test / "soundscape").is_dir():
         soundscapes = sorted((test / "soundscape").glob("*.wav"))
-        names = {path.stem for path in soundscapes}
         for path in soundscapes:
             problems += _wav_problems(path, 4)
         targets = sorted((test / "oracle_target").glob("*.wav"))
-        for path in targets:
-            owners = [name for name in names if path.name.startswith(name + "_")]
-            if not owners:
-                problems.append(f"{path}: belongs to no soundscape in {test / 'soundscape'}")
-                continue
-            try:
-                parse_source_name(max(owners, key=len), path.name)
-            except ValueError as error:
-                problems.append(f"{path.parent / str(error)}")
-            problems += _wav_problems(path, 1)
+        if (test / "oracle_target").is_dir():  # the same name rules as evaluation (one owner, known label)
+            owned, naming_problems = index_sources(test / "oracle_target", [path.stem for path in soundscapes])
+            problems += naming_problems
+            for path, _ in (entry for entries in owned.values() for entry in entries):
+                problems += _wav_problems(path, 1)
         summary.append(f"synthesized/test: {len(soundscapes)} soundscapes, {len(targets)} oracle targets")
     return summary, problems
 
 
 def _wav_problems(path, channels):
     try:
-        info = soundfile.info(str(path))
-    except Exception as error:
-        return [f"{path}: unreadable audio file ({error})"]
+        info = audio_info(path)
+    except ValueError as error:
+        return [str(error)]
     found = []
     if info.samplerate != SAMPLE_RATE:
         found.append(f"{path}: sample rate {info.samplerate} Hz, expected {SAMPLE_RATE} Hz")
@@ -424,15 +418,18 @@ def _metadata_problems(file, renderer):
         scene = json.loads(file.read_text())
         config = scene["config"]
         room = renderer.room(scene["room"]["args"]["metadata"]["sofa_path"])
-    except (ValueError, KeyError, TypeError) as error:
+        events = {key: scene.get(key) or [] for key in ("fg_events", "int_events", "bg_events")}
+        if not all(isinstance(value, list) for value in events.values()):
+            raise ValueError("fg_events, int_events and bg_events must be lists of events")
+    except (OSError, ValueError, KeyError, TypeError) as error:
         return [f"{file}: {error}"]
     found = []
     for key, folder in (("fg_events", "foreground_dir"), ("int_events", "interference_dir"),
                         ("bg_events", "background_dir")):
-        for event in scene.get(key) or []:
+        for event in events[key]:
             try:
                 path = renderer.resolve(config[folder], event["source_file"])
-                info = soundfile.info(str(path))
+                info = audio_info(path)
                 end = (event.get("source_time") or 0) + event["event_duration"]
                 if key != "bg_events" and int(end * SAMPLE_RATE) > info.frames + 1:
                     found.append(f"{file}: {path} has {info.frames / SAMPLE_RATE:.3f} s, the event needs {end:.3f} s")
@@ -523,7 +520,7 @@ def process_recording(path, config):
     audio = np.trim_zeros(audio)
     if len(audio) < int(config.min_length * rate):
         return None, "too short after removing zeros"
-    if _has_quiet_window(audio, int(config.segment * rate), int(config.shift * rate), threshold):
+    if _has_quiet_window(audio, max(1, int(config.segment * rate)), max(1, int(config.shift * rate)), threshold):
         return None, f"contains a quiet {config.segment:g} s window"
     if rate != SAMPLE_RATE:
         audio = resample(audio, rate)
@@ -590,6 +587,13 @@ def add_data(config: AddDataConfig):
         if not ears.is_dir():
             raise ValueError(f"--ears_path {ears}: folder not found")
         jobs += _pickup_jobs(ears, data / "config" / "EARS_config.json", data / "sound_event")
+    sources_of = collections.defaultdict(list)  # e.g. the FSD50K and EARS lists naming the same convert_path
+    for source, target in jobs:
+        sources_of[target].append(source)
+    for target, sources in sources_of.items():
+        if len(sources) > 1:
+            raise ValueError(f"{target}: the target of both {sources[0]} and {sources[1]}; each dev-set file comes "
+                             "from one recording")
     jobs.sort(key=lambda job: not job[1].exists())  # finished targets first: a conflict stops before any write
     counts = collections.Counter()
     for number, (source, target) in enumerate(jobs):

@@ -257,6 +257,15 @@ def test_add_data_input_errors_name_the_input(corpora):
         (fsd_list.unlink, r"FSD50K_config.json: cannot read the pick-up list"),
         (lambda: shutil.rmtree(ears), r"--ears_path .*EARS: folder not found"),
     ]
+    ears_list = data / "config" / "EARS_config.json"
+    ears_entries = json.loads(ears_list.read_text())
+    clash = dict(ears_entries[0], convert_path=entries[0]["convert_path"], t4_label=entries[0]["t4_label"])
+    ears_list.write_text(json.dumps([clash]))
+    before = snapshot(data)
+    with pytest.raises(ValueError, match=rf"{entries[0]['convert_path']}: the target of both .*FSD50K.* and .*EARS"):
+        data_prep.add_data(config)  # two pick-up lists naming one target
+    assert snapshot(data) == before
+    ears_list.write_text(json.dumps(ears_entries))
     saved = fsd_list.read_text()
     for damage, message in cases:
         damage()
