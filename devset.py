@@ -215,6 +215,9 @@ class DataIndex:
             if not self.rooms and not self.problems:
                 self.problems.append(f"{self.folders['room_ir']}: no .sofa room files")
         channels = {room.num_channels for room in self.rooms}
+        if len(channels) > 1:  # the mixtures of one batch must have one channel count
+            self.problems.append(f"{self.folders['room_ir']}: rooms with different channel counts "
+                                 f"({', '.join(f'{room.path.name}: {room.num_channels}' for room in self.rooms)})")
         self.events = self._classes(self.folders["sound_event"], required=True)
         unknown = sorted(set(self.events) - set(LABELS))
         for label in unknown:

@@ -60,6 +60,9 @@ class TaggerConfig:
             raise ValueError(f"TaggerConfig.head={self.head!r}: expected 'avg_linear' or 'linear'")
         if self.num_channels < 1 or (self.head == "linear" and self.num_channels != 1):
             raise ValueError(f"TaggerConfig.num_channels={self.num_channels}: expected 1 or 4 (only 1 for head 'linear')")
+        if not 0 <= self.ref_channel < 4:
+            raise ValueError(f"TaggerConfig.ref_channel={self.ref_channel}: expected 0-3 (the 4 microphones of the "
+                             "dev set's mixtures)")
         if self.sample_rate_tag not in FRONT_ENDS:
             raise ValueError(f"TaggerConfig.sample_rate_tag={self.sample_rate_tag!r}: expected one of {list(FRONT_ENDS)}")
         first_trainable_layer(self.finetuning, self.depth)  # validates the mode

@@ -161,7 +161,7 @@ class Renderer:
             audio, gain = self._background(config, event, room.num_channels, length)
             background += audio[:channels] * gain  # the level counts all channels; only the kept ones are scaled
         source_lengths = np.array([len(source) for source in sources], dtype=np.int64)
-        return {"sources": np.concatenate(sources).astype(np.float32) if sources else np.zeros(0, np.float32),
+        return {"sources": np.concatenate(sources) if sources else np.zeros(0, np.float32),  # float32 already
                 "source_lengths": source_lengths, "onsets": np.array(onsets, dtype=np.int64),
                 "full_lengths": source_lengths + room.rir_length - 1, "slots": np.array(slots, dtype=np.int64),
                 "target_db": np.array(target_db, dtype=np.float64), "rir_keys": rir_keys,
@@ -476,6 +476,16 @@ def render_scenes(scenes, spectra):
     window at the same gain), cut to L; the background is added last. Equal to the exact float64 computation within
     1e-4 of the peak.
     """
+    if scenes["background"].device.type == "cpu" and torch.get_num_threads() > 1:
+        # One thread, as in a loader worker: split over threads, elementwise complex products and FFT rows fall
+        # into vectorised and scalar code differently and round differently, and a scene must give the same bits
+        # wherever it is rendered.
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            return render_scenes(scenes, spectra)
+        finally:
+            torch.set_num_threads(threads)
     background, fft_length, dry_slots = scenes["background"], scenes["fft_length"], scenes["dry_slots"]
     (B, C, L), events, bins = background.shape, len(scenes["rir_keys"]), fft_length // 2 + 1
     if not events:

@@ -78,6 +78,9 @@ class SceneGenerator:
         self.index, self.config = index, config
         if not index.rooms or not index.labels:
             raise ValueError(f"{index.root}: no rooms or no sound events to generate scenes from")
+        if config.nevent_range[1] > NUM_SLOTS:
+            raise ValueError(f"nevent_range {config.nevent_range}: at most {NUM_SLOTS} target events per mixture "
+                             "(the output slots)")
         if config.nevent_range[1] > len(index.labels):
             raise ValueError(f"{index.root}: nevent_range {config.nevent_range} needs more distinct classes than "
                              f"the {len(index.labels)} available")
@@ -222,9 +225,8 @@ def _slots(labels, sources, length, modes):
 def _scene_item(renderer, record, labels, soundscape, scene, modes, render):
     """The dataset item of one scene: rendered here ('mixture' [C, L], 'dry_sources' [S, 1, L] with dry targets)
     or, with render False, its record under 'scene' for a batched render (BatchRenderer)."""
-    labels = list(labels) + [SILENCE] * max(NUM_SLOTS - len(labels), 0)
-    item = {"label": labels, "label_vector": label_vector(labels, *modes), "soundscape": soundscape,
-            "metadata": scene}
+    labels, vector, _ = _slots(labels, None, 0, modes)
+    item = {"label": labels, "label_vector": vector, "soundscape": soundscape, "metadata": scene}
     if not render:
         item["scene"] = record
         return item
@@ -252,6 +254,9 @@ class GeneratedDataset(torch.utils.data.Dataset):
         self.scene_config = scene if scene is not None else SceneConfig()
         self.generator = SceneGenerator(self.index, self.scene_config)
         self.renderer = Renderer(data_root, self.index.rooms, spectrum_cache_dir)
+        if num_channels is not None and num_channels > min(room.num_channels for room in self.index.rooms):
+            raise ValueError(f"{num_channels} mixture channels requested, but the rooms of {data_root} have "
+                             f"{min(room.num_channels for room in self.index.rooms)}")
         self.length, self.seed = length, seed
         self.modes = (label_vector_mode, silence_label_mode)
         self.return_sources, self.num_channels, self.render = return_sources, num_channels, render
@@ -461,7 +466,12 @@ def _pinned(value):
 def bench(config: BenchConfig):
     """Print, for tagger-style and separator-style batches: worker ms per mixture (scene draw + reading), device
     mixtures/s with the breakdown, and ms per mixture when a worker renders one mixture at a time (CPU)."""
-    device = torch.device(config.device)
+    try:
+        device = torch.device(config.device)
+        if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+            raise RuntimeError(f"{torch.cuda.device_count()} CUDA devices are visible")
+    except RuntimeError as error:
+        raise SystemExit(f"--device {config.device}: not usable here ({error}); expected 'cpu' or 'cuda'")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA device is visible")
     synchronize = torch.cuda.synchronize if device.type == "cuda" else lambda: None

@@ -43,6 +43,7 @@ import dataclasses
 import gc
 import json
 import math
+import os
 import pickle
 import random
 import resource
@@ -593,6 +594,13 @@ def train(cli, config: TrainConfig, model_config, scene: SceneConfig, preset: st
     render_on = config.render_on if config.render_on != "auto" else "device" if device.type == "cuda" else "workers"
     workers = config.num_workers if config.num_workers >= 0 else default_num_workers()
     cache = config.spectrum_cache_dir or None
+    if cache:  # checked here: the workers and the training step would fail on it mid-run
+        try:
+            Path(cache).mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            raise SystemExit(f"--spectrum_cache_dir {cache}: cannot create the folder ({error.strerror})")
+        if not os.access(cache, os.W_OK | os.X_OK):
+            raise SystemExit(f"--spectrum_cache_dir {cache}: not writable")
     options = dict(label_modes(config.task, model_config), spectrum_cache_dir=cache, render=render_on == "workers",
                    num_channels=mixture_channels(config.task, model_config))
     sampler = StepBatches(step, config.max_steps, accumulation, rank, world_size, config.batch_size)

@@ -1,18 +1,23 @@
 """Dev-set layout and metadata paths: 'data/dev_set/...' resolves against the dev set given (or the one holding the
 metadata), other relative paths against the folder two levels above it, never against the current directory;
 everything works from a directory that holds a different data/dev_set (the state after the Quickstart)."""
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
 import data_prep
 import devset
+import model
 import render
 import synth
 import training_data
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_metadata_paths_resolve_against_the_dev_set(tmp_path):
@@ -89,3 +94,37 @@ def test_training_check_names_the_split_layout(demo_dev_set, tmp_path):
     message = str(error.value)
     assert f"{unsplit / 'sound_event/train'} is missing (the official layout splits" in message
     assert "python data_prep.py demo" in message
+
+
+def test_bad_channel_and_event_settings_are_one_line_errors(demo_dev_set, tmp_path):
+    """Settings that would otherwise fail inside a DataLoader worker mid-run are refused up front."""
+    with pytest.raises(ValueError, match=r"nevent_range \(1, 4\): at most 3 target events"):
+        synth.GeneratedDataset(demo_dev_set, synth.SceneConfig(nevent_range=(1, 4)))
+    with pytest.raises(ValueError, match="5 mixture channels requested, but the rooms .* have 4"):
+        synth.GeneratedDataset(demo_dev_set, num_channels=5)
+    with pytest.raises(ValueError, match="TaggerConfig.ref_channel=4: expected 0-3"):
+        model.TaggerConfig(ref_channel=4)
+    copy = tmp_path / "dev_set"
+    shutil.copytree(demo_dev_set, copy)
+    responses = np.zeros((2, 2, 64))  # 2 positions x 2 channels: a room unlike the 4-channel ones
+    responses[:, :, 0] = 1.0
+    data_prep.write_sofa(copy / "room_ir/train/two_channels.sofa", responses, np.array([[0, 0, 1.0], [90, 0, 1.0]]))
+    with pytest.raises(ValueError, match=r"room_ir/train: rooms with different channel counts \(.*two_channels.sofa: "
+                                         r"2"):
+        devset.DataIndex(copy, "train")
+
+
+def test_unusable_spectrum_cache_dir_and_bench_device_are_one_line_errors(demo_dev_set, tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    result = subprocess.run([sys.executable, "train.py", "--task", "tagging", "--preset", "demo", "--data_root",
+                             str(demo_dev_set), "--out_dir", str(tmp_path / "run"), "--spectrum_cache_dir",
+                             str(blocker / "cache")], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    expected = f"--spectrum_cache_dir {blocker / 'cache'}: cannot create the folder (Not a directory)"
+    assert result.stderr.strip() == expected
+    assert not (tmp_path / "run").exists()
+    result = subprocess.run([sys.executable, "synth.py", "--bench", "--data", str(demo_dev_set), "--device", "gpu"],
+                            cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert result.stderr.startswith("--device gpu: not usable here") and len(result.stderr.strip().splitlines()) == 1
