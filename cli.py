@@ -1,15 +1,19 @@
-"""Command-line flags generated from the dataclass configs, shared by every script.
+"""What every script shares on the command line: flags generated from dataclass configs, a parser that accepts
+whole flag names only and answers a typo with the closest valid flags, the device choice, and atomic file writes.
 
-One flag per field: `--{prefix}{name}`, typed from the field's default, with the field's trailing `# comment`
-(or `metadata["help"]`) and its default as the --help text. So `--help` always lists every knob and a new field
-is a new flag without touching the parser. StrictParser makes every script treat flags alike: whole flag names
-only, and a mistyped flag is answered with one line naming it and the closest valid flags.
+One flag per dataclass field, `--{prefix}{name}`, typed from the field's default, with the field's trailing
+`# comment` (or metadata["help"]) as its help text: a new field is a new flag without touching a parser.
 """
 import argparse
+import contextlib
 import dataclasses
 import difflib
 import inspect
+import os
 import re
+from pathlib import Path
+
+import torch
 
 SUGGESTIONS = 3  # closest valid flags named for a mistyped one
 
@@ -23,24 +27,23 @@ def field_comments(cls) -> dict[str, str]:
     return dict(re.findall(r"^\s+(\w+)\s*:[^=\n]*=[^#\n]*#\s*(.*)$", source, flags=re.MULTILINE))
 
 
-def add_config_flags(parser, cls, prefix: str = "", dest_prefix: str | None = None, layered: bool = False) -> None:
-    """Add one flag per field of the dataclass `cls` to an argparse parser or argument group.
+def add_config_flags(parser, cls, prefix: str = "", dest_prefix: str | None = None, layered: bool = False,
+                     shown: dict | None = None) -> None:
+    """One flag per field of dataclass `cls`; the value lands in `dest_prefix + name` (default: the prefix).
 
-    The value lands in `dest_prefix + name` (default: the flag prefix). With layered=True an unset flag is left
-    out of the namespace (argparse.SUPPRESS), so a caller can stack defaults < preset < file < flags.
-    """
+    layered=True leaves unset flags out of the namespace, so a caller can stack defaults < preset < file < flags;
+    `shown` replaces the defaults printed by --help (e.g. the values a preset gives)."""
     dest_prefix = prefix if dest_prefix is None else dest_prefix
-    comments = field_comments(cls)
-    defaults = cls()
+    comments, defaults = field_comments(cls), cls()
     for field in dataclasses.fields(cls):
         default = getattr(defaults, field.name)
-        help_text = field.metadata.get("help") or comments.get(field.name, "")
+        help_text = (field.metadata.get("help") or comments.get(field.name, "")).replace("%", "%%")
         option = dict(dest=dest_prefix + field.name, default=argparse.SUPPRESS if layered else default,
-                      help=f"{help_text} (default {default!r})".replace("%", "%%"))
+                      help=f"{help_text} (default {(shown or {}).get(field.name, repr(default))})")
         if isinstance(default, bool):
             option["action"] = argparse.BooleanOptionalAction
-            if not layered:  # BooleanOptionalAction appends the default itself
-                option["help"] = help_text.replace("%", "%%")
+            if not layered and not shown:  # BooleanOptionalAction appends the default itself
+                option["help"] = help_text
         else:
             option.update(metavar=field.metadata.get("metavar", field.name.upper()),
                           choices=field.metadata.get("choices"))
@@ -59,29 +62,6 @@ def config_from_args(arguments: argparse.Namespace, cls, dest_prefix: str = ""):
                   if dest_prefix + field.name in values})
 
 
-def unknown_flags_message(unknown: list[str], parser: argparse.ArgumentParser,
-                          arguments: argparse.Namespace | None = None) -> str:
-    """One line for the arguments argparse could not place: each unknown flag with the valid flags that start
-    with it or look like it (or words saying there are none), and stray values that follow no flag.
-    `arguments` (the parsed namespace) selects the chosen sub-command, whose flags are then the valid ones."""
-    valid = valid_flags(parser, arguments)
-    parts = []
-    for position, argument in enumerate(unknown):
-        if argument.startswith("-"):
-            name = argument.split("=", 1)[0]
-            # --help and the --no-* forms of boolean flags are valid, but never what a typo meant
-            candidates = [flag for flag in valid if flag != "--help" and (name.startswith("--no-")
-                                                                           or not flag.startswith("--no-"))]
-            # an abbreviation names the flags it starts; otherwise the most similar names are the likely meaning
-            close = [flag for flag in candidates if flag.startswith(name)][:SUGGESTIONS]
-            close = close or difflib.get_close_matches(name, candidates, SUGGESTIONS)
-            parts.append(f"{name} (did you mean {' or '.join(close)}?)" if close else
-                         f"{name} (no valid flag is close to it; --help lists them all)")
-        elif position == 0 or not unknown[position - 1].startswith("-") or "=" in unknown[position - 1]:
-            parts.append(f"{argument!r} (a value without a flag)")  # after an unknown flag it is its value
-    return f"unknown argument{'s' if len(parts) > 1 else ''}: {', '.join(parts)}"
-
-
 def valid_flags(parser: argparse.ArgumentParser, arguments: argparse.Namespace | None = None) -> list[str]:
     """Every long flag of the parser, and of the sub-command named in `arguments`."""
     flags = []
@@ -93,10 +73,28 @@ def valid_flags(parser: argparse.ArgumentParser, arguments: argparse.Namespace |
     return flags
 
 
+def unknown_flags_message(unknown: list[str], parser, arguments=None) -> str:
+    """One line naming each unknown flag with the valid flags it starts or resembles, and stray values."""
+    valid = valid_flags(parser, arguments)
+    parts = []
+    for position, argument in enumerate(unknown):
+        if argument.startswith("-"):
+            name = argument.split("=", 1)[0]
+            # --help and the --no-* forms of boolean flags are valid, but never what a typo meant
+            candidates = [flag for flag in valid if flag != "--help" and (name.startswith("--no-")
+                                                                           or not flag.startswith("--no-"))]
+            close = [flag for flag in candidates if flag.startswith(name)][:SUGGESTIONS]
+            close = close or difflib.get_close_matches(name, candidates, SUGGESTIONS)
+            parts.append(f"{name} (did you mean {' or '.join(close)}?)" if close else
+                         f"{name} (no valid flag is close to it; --help lists them all)")
+        elif position == 0 or not unknown[position - 1].startswith("-") or "=" in unknown[position - 1]:
+            parts.append(f"{argument!r} (a value without a flag)")  # after an unknown flag it is its value
+    return f"unknown argument{'s' if len(parts) > 1 else ''}: {', '.join(parts)}"
+
+
 class StrictParser(argparse.ArgumentParser):
-    """ArgumentParser for every script: no abbreviated flags (so `--sep` never silently means `--separator`),
-    unknown flags answered by unknown_flags_message, and every error as one line without the usage block.
-    Sub-command parsers made with add_subparsers() are StrictParsers too."""
+    """No abbreviated flags (so `--sep` never silently means `--separator`), unknown flags answered by
+    unknown_flags_message, every error one line without the usage block; sub-command parsers are strict too."""
 
     def __init__(self, **options):
         options.setdefault("formatter_class", argparse.RawDescriptionHelpFormatter)
@@ -110,3 +108,33 @@ class StrictParser(argparse.ArgumentParser):
 
     def error(self, message):
         self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def resolve_device(name: str) -> torch.device:
+    """'auto' (CUDA when available), 'cpu', 'cuda' or 'cuda:N'; a ValueError when it is not usable here."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"--device {name}: expected auto, cpu or cuda") from None
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise ValueError(f"--device {name}: torch sees {torch.cuda.device_count()} CUDA devices (check the driver "
+                         "and the torch wheel's CUDA version), or use --device cpu")
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device {name}: expected auto, cpu or cuda")
+    return device
+
+
+@contextlib.contextmanager
+def atomic_path(path):
+    """A temporary name next to `path` for the block to write; renamed to `path` only when the block succeeds,
+    so a reader never sees a half-written file and an interrupted write leaves nothing behind."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.partial")
+    try:
+        yield temporary
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)

@@ -12,7 +12,7 @@ is split into train/ and valid/ (sound_event/<split>/<Label>/**.wav, interferenc
 noise/<split>/**.wav, room_ir/<split>/*.sofa), plus config/{FSD50K,EARS}_config.json (add-data pick-up
 lists), metadata/valid.json with metadata/valid/*.json, and synthesized/test/{soundscape,oracle_target}.
 Paths inside metadata are relative to the official repository root ('data/dev_set/...'); they are resolved
-against the dev-set folder given (see render.Renderer), never against the current directory.
+against the dev-set folder given (devset.resolve), never against the current directory.
 """
 import collections
 import dataclasses
@@ -31,10 +31,10 @@ import soundfile
 import torch
 import torchaudio
 
-from cli import StrictParser, add_config_flags, config_from_args
-from devset import LABELS, SAMPLE_RATE, SPLITS, DataIndex, audio_info
-from render import Renderer
-from synth import GeneratedDataset, SceneConfig, find_dev_set, index_sources, metadata_files
+from cli import StrictParser, add_config_flags, atomic_path, config_from_args
+from devset import (LABELS, SAMPLE_RATE, SPLITS, DataIndex, audio_info, find_dev_set, index_sources, metadata_files,
+                    open_room, resolve)
+from synth import GeneratedDataset, Renderer, SceneConfig, scene_rules
 
 SPEED_OF_SOUND = 343.0  # m/s
 MIC_POSITIONS = 0.042 * np.array([[1, 1, 1], [1, -1, -1], [-1, 1, -1], [-1, -1, 1]]) / np.sqrt(3)  # m, tetrahedron
@@ -65,6 +65,7 @@ INTERFERENCE_CLASSES = (  # the bg_scaper_fmt classes the official add_data.sh t
 # The official step resamples with librosa's default (soxr "HQ"). This windowed-sinc filter matches that output
 # within about 60 dB SNR on white noise (measured for 8 to 96 kHz input: 59.7-61.8 dB), and far closer on
 # real recordings, whose energy lies below the transition band.
+RENDER_CACHE_MEGABYTES = 2048  # RIR spectra `render` keeps: a real room's 108 positions at 10 s take ~1.2 GB
 RESAMPLE_FILTER = dict(resampling_method="sinc_interp_kaiser", lowpass_filter_width=128, rolloff=0.957, beta=24.0)
 
 
@@ -209,13 +210,8 @@ def _write_wav(path, audio, subtype="PCM_16"):
         if _same_audio(path, frames, subtype):
             return False
         raise FileExistsError(f"{path}: exists with different content; remove it to write it again")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.partial")
-    try:
+    with atomic_path(path) as temporary:
         soundfile.write(str(temporary), frames, SAMPLE_RATE, subtype=subtype, format="WAV")
-        os.replace(temporary, path)
-    finally:
-        temporary.unlink(missing_ok=True)  # only left when the write failed
     return True
 
 
@@ -223,7 +219,7 @@ def _write_wav(path, audio, subtype="PCM_16"):
 # Rendering metadata to files
 
 
-def render_metadata(metadata_path, out_dir, data_root=None, subtype="FLOAT"):
+def render_metadata(metadata_path, out_dir, data_root=None, subtype="FLOAT", cache_megabytes=RENDER_CACHE_MEGABYTES):
     """Render every mixture of valid.json (or a folder of JSONs) to OUT/soundscape/<name>.wav and
     OUT/oracle_target/<name>_<slot>_<label>.wav; returns the number of mixtures.
 
@@ -232,17 +228,17 @@ def render_metadata(metadata_path, out_dir, data_root=None, subtype="FLOAT"):
     content stops the run before new mixtures are written.
     """
     out_dir = Path(out_dir)
-    files = metadata_files(metadata_path)
-    renderer = Renderer(data_root if data_root is not None else find_dev_set(metadata_path))
+    files = [path for path, _ in metadata_files(metadata_path)]
+    renderer = Renderer(data_root if data_root is not None else find_dev_set(metadata_path), "cpu", cache_megabytes)
     files.sort(key=lambda file: not (out_dir / "soundscape" / f"{file.stem}.wav").exists())  # stable
     for file in files:
         try:
-            rendered = renderer.render(json.loads(file.read_text()))
+            mixture, dry, labels = renderer.render_scene(json.loads(file.read_text()))
         except (ValueError, KeyError, TypeError) as error:
             raise ValueError(f"{file}: {error}") from None
-        _write_wav(out_dir / "soundscape" / f"{file.stem}.wav", rendered["mixture"], subtype)
-        for slot, (label, dry) in enumerate(zip(rendered["labels"], rendered["dry_sources"])):
-            _write_wav(out_dir / "oracle_target" / f"{file.stem}_{slot}_{label}.wav", dry[0], subtype)
+        _write_wav(out_dir / "soundscape" / f"{file.stem}.wav", mixture.numpy(), subtype)
+        for slot, (label, source) in enumerate(zip(labels, dry)):
+            _write_wav(out_dir / "oracle_target" / f"{file.stem}_{slot}_{label}.wav", source[0].numpy(), subtype)
     return len(files)
 
 
@@ -374,13 +370,12 @@ def verify(data):
     valid = data / "metadata" / "valid.json"
     if valid.is_file():
         try:
-            files = metadata_files(valid)
+            files = [path for path, _ in metadata_files(valid)]
         except ValueError as error:
             problems.append(str(error))
             files = []
-        renderer = Renderer(data)
         for file in files:
-            problems += _metadata_problems(file, renderer)
+            problems += _metadata_problems(file, data)
         summary.append(f"metadata: {len(files)} validation mixtures")
     else:
         problems.append(f"{valid}: missing validation metadata")
@@ -391,7 +386,7 @@ def verify(data):
             problems += _wav_problems(path, 4)
         targets = sorted((test / "oracle_target").glob("*.wav"))
         if (test / "oracle_target").is_dir():  # the same name rules as evaluation (one owner, known label)
-            owned, naming_problems = index_sources(test / "oracle_target", [path.stem for path in soundscapes])
+            owned, naming_problems, _ = index_sources(test / "oracle_target", [path.stem for path in soundscapes])
             problems += naming_problems
             for path, _ in (entry for entries in owned.values() for entry in entries):
                 problems += _wav_problems(path, 1)
@@ -412,12 +407,13 @@ def _wav_problems(path, channels):
     return found
 
 
-def _metadata_problems(file, renderer):
+def _metadata_problems(file, data):
     """Every referenced file must exist (and be long enough), every position must be in its room."""
     try:
         scene = json.loads(file.read_text())
         config = scene["config"]
-        room = renderer.room(scene["room"]["args"]["metadata"]["sofa_path"])
+        sofa_path, stored, _, _ = scene_rules(scene)
+        room = open_room(resolve(data, sofa_path))
         events = {key: scene.get(key) or [] for key in ("fg_events", "int_events", "bg_events")}
         if not all(isinstance(value, list) for value in events.values()):
             raise ValueError("fg_events, int_events and bg_events must be lists of events")
@@ -428,13 +424,13 @@ def _metadata_problems(file, renderer):
                         ("bg_events", "background_dir")):
         for event in events[key]:
             try:
-                path = renderer.resolve(config[folder], event["source_file"])
+                path = resolve(data, config[folder], event["source_file"])
                 info = audio_info(path)
                 end = (event.get("source_time") or 0) + event["event_duration"]
                 if key != "bg_events" and int(end * SAMPLE_RATE) > info.frames + 1:
                     found.append(f"{file}: {path} has {info.frames / SAMPLE_RATE:.3f} s, the event needs {end:.3f} s")
                 if key != "bg_events":
-                    room.find_position(event["event_position"])
+                    room.find_position(event["event_position"], stored)
             except (ValueError, KeyError, TypeError, RuntimeError) as error:
                 found.append(f"{file}: {error}")
     return found

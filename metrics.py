@@ -1,27 +1,22 @@
-"""Scoring metrics (CAPI-SDRi, 2025 CA-SDRi, label accuracies) and the training losses of nanoS5.
+"""Scoring metrics (CAPI-SDRi, 2025 CA-SDRi, label accuracies) and the training losses: small pure functions of
+tensors and label lists; nothing reads files. evaluate.py and train.py's validation share them, so a number printed
+during training means the same as the one the scorer prints.
 
-Everything here is a small pure function of tensors and label lists; nothing reads files. evaluate.py and the
-validation in train.py share the same code, so a number printed during training means the same as the one the
-scorer prints.
+Conventions: S = estimate slots, R = reference slots, L = samples, B = batch; labels are names from devset.LABELS,
+with devset.SILENCE for an empty slot; SNRs in dB. Metrics run in their inputs' dtype (float32 for WAV files, as
+the official scorer; half precision is cast up to float32); losses are float64 (the official validation loss is,
+because its dry targets are) with the float32 eps of the predictions.
 
-    python metrics.py --bench      # ms of CAPI-SDRi computation per 10 s mixture on one CPU core
-
-Conventions: S = estimate slots, R = reference slots, L = samples, B = batch. Labels are lists of class names
-from devset.LABELS, with devset.SILENCE marking an empty slot. SNR values are in dB.
-Dtypes: metrics run in the dtype of their inputs (float32 for WAV files, as the official scorer does), half
-precision is cast up to float32 first; losses are always computed in float64 (the official validation loss
-is float64 because its dry targets are) and return float64 scalars.
+    python bench.py --only metric      # ms of CAPI-SDRi per 10 s mixture
 """
 import collections
 import itertools
 import math
-import time
 
 import torch
 import torch.nn.functional as F
 
-from cli import StrictParser
-from devset import LABELS, NUM_SLOTS, SAMPLE_RATE, SILENCE
+from devset import LABELS, SILENCE
 
 INVALID_COST = 1e9  # class-aware PIT cost of pairing slots of different classes; never chosen
 METRIC_NAMES = {"capi-sdri": "CAPI-SDRi", "ca-sdri": "CA-SDRi"}  # --metric value -> name printed / in JSON
@@ -30,18 +25,21 @@ METRIC_NAMES = {"capi-sdri": "CAPI-SDRi", "ca-sdri": "CA-SDRi"}  # --metric valu
 # ----------------------------------------------------------------------------------------------------------
 # SNR
 # ----------------------------------------------------------------------------------------------------------
-def snr(preds: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+def snr(preds: torch.Tensor, target: torch.Tensor, eps: float | None = None) -> torch.Tensor:
     """Signal-to-noise ratio in dB along the last dim, as torchmetrics' signal_noise_ratio(zero_mean=False).
 
-    preds, target: [..., L] of the same shape -> [...]. eps = torch.finfo(preds.dtype).eps is added to both
-    energies (so 0/0 gives 0 dB); the output dtype follows type promotion of preds and target.
-    """
+    preds, target: [..., L] of the same shape -> [...]. eps (default torch.finfo(preds.dtype).eps) is added to both
+    energies, so 0/0 gives 0 dB; the output dtype follows type promotion of preds and target."""
     if preds.shape != target.shape:
         raise ValueError(f"snr: preds {tuple(preds.shape)} and target {tuple(target.shape)} must have the same shape")
-    eps = torch.finfo(preds.dtype).eps
-    signal = torch.sum(target**2, dim=-1)
-    noise = torch.sum((target - preds) ** 2, dim=-1)
-    return 10 * torch.log10((signal + eps) / (noise + eps))
+    eps = torch.finfo(preds.dtype).eps if eps is None else eps
+    return 10 * torch.log10((torch.sum(target**2, dim=-1) + eps) / (torch.sum((target - preds) ** 2, dim=-1) + eps))
+
+
+def snr64(preds: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """snr in float64 with the eps of the predictions' own dtype, as the official losses, where float32
+    predictions meet float64 dry targets."""
+    return snr(preds.double(), targets.double(), torch.finfo(preds.dtype).eps)
 
 
 def _metric_dtype(tensor: torch.Tensor) -> torch.Tensor:
@@ -95,49 +93,31 @@ def _classwise_improvement(est_groups, ref_groups, pair_snr, mixture_snr) -> tup
 
 
 def _score_batch(est_labels, est_waveforms, ref_labels, ref_waveforms, mixtures, last_only) -> list[tuple]:
-    """Shared engine of capi_sdri / ca_sdri -> per item (value or None, matched pairs as _classwise_improvement
-    gives them). Only the SNRs of same-class pairs are computed, each reference's mixture SNR once, all on the
-    waveforms' device, then moved to the CPU in one transfer."""
+    """Shared engine of capi_sdri / ca_sdri -> per item (value or None, matched pairs). Only the SNRs of same-class
+    pairs are computed, and each reference's mixture SNR once."""
     est_waveforms, ref_waveforms, mixtures = map(_metric_dtype, (est_waveforms, ref_waveforms, mixtures))
     if mixtures.dim() == 3:
         mixtures = mixtures[:, 0]  # (B, L): the improvement is measured against mic channel 0
-    batch = len(est_labels)
-    if not (batch == len(ref_labels) == est_waveforms.shape[0] == ref_waveforms.shape[0] == mixtures.shape[0]):
+    if not (len(est_labels) == len(ref_labels) == est_waveforms.shape[0] == ref_waveforms.shape[0]
+            == mixtures.shape[0]):
         raise ValueError("label lists, estimates, references and mixtures must have the same batch size")
     if not (est_waveforms.shape[-1] == ref_waveforms.shape[-1] == mixtures.shape[-1]):
         raise ValueError(f"length mismatch: estimates {tuple(est_waveforms.shape)}, references "
                          f"{tuple(ref_waveforms.shape)}, mixtures {tuple(mixtures.shape)}")
-    # Each needed reference's energy is summed once; the noise energy of every compared signal (the mixture and
-    # the same-class estimates) once; the dB values are formed in one vectorised step (snr()'s formula).
-    groups, keys, signal, noise, eps = [], [], [], [], []  # keys: (b, r) for the mixture, (b, r, s) for a pair
-    for b in range(batch):
-        if len(est_labels[b]) != est_waveforms.shape[1] or len(ref_labels[b]) != ref_waveforms.shape[1]:
-            raise ValueError(f"item {b}: {len(est_labels[b])} estimate labels for {est_waveforms.shape[1]} slots, "
-                             f"{len(ref_labels[b])} reference labels for {ref_waveforms.shape[1]} slots")
-        est_groups = _group_by_class(est_labels[b], last_only)
-        ref_groups = _group_by_class(ref_labels[b], last_only)
-        groups.append((est_groups, ref_groups))
+    scores = []
+    for b, (estimated, reference) in enumerate(zip(est_labels, ref_labels)):
+        if len(estimated) != est_waveforms.shape[1] or len(reference) != ref_waveforms.shape[1]:
+            raise ValueError(f"item {b}: {len(estimated)} estimate labels for {est_waveforms.shape[1]} slots, "
+                             f"{len(reference)} reference labels for {ref_waveforms.shape[1]} slots")
+        est_groups, ref_groups = _group_by_class(estimated, last_only), _group_by_class(reference, last_only)
+        pair_snr, mixture_snr = {}, {}
         for label in est_groups.keys() & ref_groups.keys():
             for r in ref_groups[label]:
-                reference = ref_waveforms[b, r]
-                reference_energy = torch.sum(reference**2)
-                compared = [((b, r), mixtures[b])] + [((b, r, s), est_waveforms[b, s]) for s in est_groups[label]]
-                for key, waveform in compared:
-                    keys.append(key)
-                    signal.append(reference_energy)
-                    noise.append(torch.sum((reference - waveform).square_()))  # in place: one temporary less
-                    eps.append(torch.finfo(waveform.dtype).eps)
-    pair_snr = [{} for _ in range(batch)]  # per item: (r, s) -> dB
-    mixture_snr = [{} for _ in range(batch)]  # per item: r -> dB
-    if keys:
-        signal, noise = torch.stack(signal), torch.stack(noise)
-        eps = torch.tensor(eps, dtype=signal.dtype, device=signal.device)
-        for key, value in zip(keys, (10 * torch.log10((signal + eps) / (noise + eps))).tolist()):
-            if len(key) == 2:
-                mixture_snr[key[0]][key[1]] = value
-            else:
-                pair_snr[key[0]][key[1:]] = value
-    return [_classwise_improvement(est, ref, pair_snr[b], mixture_snr[b]) for b, (est, ref) in enumerate(groups)]
+                mixture_snr[r] = snr(mixtures[b], ref_waveforms[b, r]).item()
+                for s in est_groups[label]:
+                    pair_snr[r, s] = snr(est_waveforms[b, s], ref_waveforms[b, r]).item()
+        scores.append(_classwise_improvement(est_groups, ref_groups, pair_snr, mixture_snr))
+    return scores
 
 
 def capi_sdri(est_labels: list[str], est_waveforms: torch.Tensor, ref_labels: list[str],
@@ -216,10 +196,8 @@ class MetricAccumulator:
             raise ValueError(f"metric {metric!r}: expected one of {', '.join(METRIC_NAMES)}")
         self.metric = metric
         self.details: list[dict] = []  # {'soundscape', 'est_labels', 'ref_labels', 'value', 'label_counts', 'pairs'}
-        self.seconds = 0.0  # time spent inside update(), for speed reports
 
     def update(self, est_labels, est_waveforms, ref_labels, ref_waveforms, mixtures, soundscapes=None):
-        start = time.perf_counter()
         with torch.no_grad():
             scores = _score_batch(est_labels, est_waveforms, ref_labels, ref_waveforms, mixtures,
                                   last_only=self.metric == "ca-sdri")
@@ -230,7 +208,6 @@ class MetricAccumulator:
             self.details.append({"soundscape": soundscapes[b] if soundscapes else f"item_{len(self.details)}",
                                  "est_labels": list(est_labels[b]), "ref_labels": list(ref_labels[b]),
                                  "value": value, "label_counts": counts, "pairs": pairs})
-        self.seconds += time.perf_counter() - start
         return [value for value, _ in scores]
 
     def summary(self) -> dict:
@@ -282,14 +259,6 @@ def pit_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torc
     return best_cost.mean(), permutation
 
 
-def _snr64(preds: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """snr() computed in float64 -> [...]; eps stays the one of the predictions' own dtype, as in the official
-    loss where float32 predictions meet float64 dry targets."""
-    eps = torch.finfo(preds.dtype).eps
-    preds, targets = preds.double(), targets.double()
-    return 10 * torch.log10((torch.sum(targets**2, -1) + eps) / (torch.sum((targets - preds) ** 2, -1) + eps))
-
-
 def class_aware_pit_snr_loss(preds: torch.Tensor, targets: torch.Tensor,
                              queries: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """2026 separator loss (official class_aware_pit.py): negative SNR under the best permutation among same-class slots.
@@ -311,7 +280,7 @@ def class_aware_pit_snr_loss(preds: torch.Tensor, targets: torch.Tensor,
     cost[:, diagonal, diagonal] = torch.where(is_silence, 0.0, INVALID_COST).double()
     for target_slot in range(slots):
         for pred_slot in range(slots):
-            pair_snr = _snr64(preds[:, pred_slot], targets[:, target_slot])  # (B,) or (B, 1) with a channel dim
+            pair_snr = snr64(preds[:, pred_slot], targets[:, target_slot])  # (B,) or (B, 1) with a channel dim
             pair_cost = -pair_snr.reshape(batch, -1).mean(-1)  # (B,)
             cost[:, target_slot, pred_slot] = torch.where(valid[:, target_slot, pred_slot], pair_cost,
                                                           cost[:, target_slot, pred_slot])
@@ -323,7 +292,7 @@ def snr_loss(preds: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """2025 ResUNet loss: -mean SNR. preds, targets [B, L] or [B, 1, L] -> float64 scalar."""
     if preds.shape != targets.shape:
         raise ValueError(f"preds {tuple(preds.shape)} and targets {tuple(targets.shape)} must match")
-    return -_snr64(preds, targets).mean()
+    return -snr64(preds, targets).mean()
 
 
 def masked_snr_loss(preds: torch.Tensor, targets: torch.Tensor, source_mask: torch.Tensor) -> torch.Tensor:
@@ -333,7 +302,7 @@ def masked_snr_loss(preds: torch.Tensor, targets: torch.Tensor, source_mask: tor
     """
     if preds.shape != targets.shape:
         raise ValueError(f"preds {tuple(preds.shape)} and targets {tuple(targets.shape)} must match")
-    value = _snr64(preds, targets)  # (B, S) or (B, S, 1)
+    value = snr64(preds, targets)  # (B, S) or (B, S, 1)
     mask = source_mask.double().reshape(source_mask.shape + (1,) * (value.dim() - source_mask.dim()))
     return -(value * mask).mean()
 
@@ -347,45 +316,3 @@ def binary_cross_entropy(probabilities: torch.Tensor, targets: torch.Tensor) -> 
     log_positive = torch.log(probabilities.clamp(min=floor))
     log_negative = torch.log((1 - probabilities).clamp(min=floor))
     return -(targets * log_positive + (1 - targets) * log_negative).mean()
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Benchmark
-# ----------------------------------------------------------------------------------------------------------
-def main():
-    parser = StrictParser(description=__doc__)
-    parser.add_argument("--bench", action="store_true", help="time CAPI-SDRi per 10 s mixture on one CPU core")
-    parser.add_argument("--mixtures", type=int, default=200, help="mixtures to time")
-    args = parser.parse_args()
-    if args.mixtures < 1:
-        parser.error(f"--mixtures {args.mixtures}: expected a positive number")
-    if not args.bench:
-        parser.print_help()
-        return
-    torch.set_num_threads(1)
-    generator = torch.Generator().manual_seed(0)
-    length = 10 * SAMPLE_RATE
-    cases = [  # (est labels, ref labels): distinct classes, a duplicated class, a miss and a false positive
-        (["Speech", "Dishes", "Pour"], ["Speech", "Dishes", "Pour"]),
-        (["Speech", "Speech", "Dishes"], ["Speech", "Speech", "Dishes"]),
-        (["Speech", "Blender", SILENCE], ["Speech", "Dishes", "Pour"]),
-    ]
-    # A pool of distinct mixtures (about 100 MB) so that the waveforms are not cache-resident, as in evaluate.py.
-    pool = []
-    for _ in range(10):
-        references = torch.randn(NUM_SLOTS, length, generator=generator)
-        estimates = references + 0.3 * torch.randn(NUM_SLOTS, length, generator=generator)
-        pool.append((estimates, references, references.sum(0) + 0.1 * torch.randn(length, generator=generator)))
-    for est_labels, ref_labels in cases:
-        for function in (capi_sdri, ca_sdri):
-            function(est_labels, *pool[0][:1], ref_labels, *pool[0][1:])  # warm-up
-            start = time.perf_counter()
-            for repeat in range(args.mixtures):
-                estimates, references, mixture = pool[repeat % len(pool)]
-                function(est_labels, estimates, ref_labels, references, mixture)
-            milliseconds = 1e3 * (time.perf_counter() - start) / args.mixtures
-            print(f"{function.__name__:9s} est {est_labels} ref {ref_labels}: {milliseconds:.3f} ms per mixture")
-
-
-if __name__ == "__main__":
-    main()

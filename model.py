@@ -1,20 +1,16 @@
 """Models of the DCASE 2026 Task 4 baseline in plain PyTorch: the M2D ViT audio tagger (1- and 4-channel, and the
 2025 multi-label variant), the ResUNet30 separator with K label-query slots (ResUNetK; K = 1 is the 2025 ResUNet),
-the S5 system that chains them, and loaders for the official Lightning checkpoints and our own checkpoints.
+the S5 system that chains them, and the one reader of checkpoints (official Lightning files and our own).
 
 Module and parameter names follow the official checkpoints (timm names for the ViT, '->' FiLM names for the
-separator), so official weights load strictly through the small remap table next to `load_tagger`.
+separator), so official weights load strictly through the small remap table next to `read_checkpoint`.
 
-    python model.py --bench                                   # fwd+bwd ms and peak memory, batch 4 x 10 s
-    python model.py --bench --device cpu --batch_size 2 --seconds 1
-    ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2 python model.py --bench --device cpu
-                                                              # as on a CPU without AVX-512 (torch, oneDNN, MKL)
+    python bench.py --only models        # forward + backward speed of these models
 """
 import dataclasses
 import math
-import platform
+import pickle
 import re
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,14 +19,17 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torchaudio
 
-from cli import StrictParser, add_config_flags, config_from_args
-from devset import LABELS, NUM_SLOTS, SAMPLE_RATE, SILENCE
+from devset import LABELS, NUM_SLOTS, SILENCE
 
 NUM_CLASSES = len(LABELS)  # 18 target classes: the separator's query size
 TAGGER_CLASSES = NUM_CLASSES + 1  # the 2026 tagger adds 'silence' as class 18
 LOG_EPS = float(torch.finfo(torch.float32).eps)  # added to the mel power before the log, as the official
 MAG_EPS = 1e-10  # floor on the separator's STFT power (so magnitudes are >= 1e-5)
 # Log-mel front ends selected by the sample-rate tag of the M2D folder name (as the official portable_m2d.py).
+# Tagger heads -> what their outputs mean: 'slots' (2026: 3 slots x 19-way softmax, class 18 = silence, PIT
+# cross-entropy) or 'multilabel' (2025: 18 sigmoids, multi-hot targets, binary cross-entropy). A new head is added
+# here, and everything that depends on it (targets, loss, decoding) follows TaggerConfig.multilabel.
+HEADS = {"avg_linear": "slots", "linear": "multilabel"}
 FRONT_ENDS = {
     "16k": dict(sample_rate=16000, n_fft=400, hop_length=160, n_mels=80, f_min=50.0, f_max=8000.0),
     "32k": dict(sample_rate=32000, n_fft=800, hop_length=320, n_mels=80, f_min=50.0, f_max=16000.0),
@@ -41,7 +40,7 @@ FRONT_ENDS = {
 class TaggerConfig:
     num_channels: int = 1  # microphones read: 1 (the reference channel) or 4 (one shared backbone)
     ref_channel: int = 0  # channel index used by the 1-channel tagger
-    head: str = "avg_linear"  # 'avg_linear' (2026: 3 slots x 19 classes) or 'linear' (2025: 18-way sigmoid)
+    head: str = "avg_linear"  # a key of HEADS: 'avg_linear' (2026: 3 slots x 19 classes), 'linear' (2025: 18 sigmoids)
     finetuning: str = "head"  # trainable part: 'head', 'N_blocks' (N = 1..depth), 'backbone_out' or 'all'
     m2d_weights: str = ""  # M2D weight file (.pth) initialising the backbone; '' = random init
     sample_rate_tag: str = "32k"  # log-mel front end, '32k' or '16k' (must match the M2D folder name)
@@ -56,9 +55,9 @@ class TaggerConfig:
 
     def __post_init__(self):
         self.input_size, self.patch_size = tuple(self.input_size), tuple(self.patch_size)  # JSON gives lists
-        if self.head not in ("avg_linear", "linear"):
-            raise ValueError(f"TaggerConfig.head={self.head!r}: expected 'avg_linear' or 'linear'")
-        if self.num_channels < 1 or (self.head == "linear" and self.num_channels != 1):
+        if self.head not in HEADS:
+            raise ValueError(f"TaggerConfig.head={self.head!r}: expected one of {', '.join(HEADS)}")
+        if self.num_channels < 1 or (self.multilabel and self.num_channels != 1):
             raise ValueError(f"TaggerConfig.num_channels={self.num_channels}: expected 1 or 4 (only 1 for head 'linear')")
         if not 0 <= self.ref_channel < 4:
             raise ValueError(f"TaggerConfig.ref_channel={self.ref_channel}: expected 0-3 (the 4 microphones of the "
@@ -69,6 +68,11 @@ class TaggerConfig:
         if self.embed_dim % self.num_heads or self.input_size[0] % self.patch_size[0]:
             raise ValueError(f"TaggerConfig: embed_dim {self.embed_dim} must divide by num_heads {self.num_heads} and "
                              f"mel bins {self.input_size[0]} by patch height {self.patch_size[0]}")
+
+    @property
+    def multilabel(self) -> bool:
+        """True for the 2025 head (sigmoids, multi-hot targets), False for the 2026 slot head (see HEADS)."""
+        return HEADS[self.head] == "multilabel"
 
 
 @dataclass
@@ -265,7 +269,7 @@ class Tagger(nn.Module):
         feature_dim = config.embed_dim * self.backbone.grid[0]  # 3840 for ViT-Base on 80 mel bins
         # Kept for key compatibility: the 2026 heads do not use it, the 2025 head normalises with it.
         self.head_norm = nn.BatchNorm1d(feature_dim, affine=False)
-        if config.head == "avg_linear":
+        if not config.multilabel:
             self.head = HeadAvgLinear(feature_dim * config.num_channels, NUM_SLOTS, TAGGER_CLASSES,
                                       config.track_input_dim, config.track_hidden_dim)
         else:
@@ -305,7 +309,7 @@ class Tagger(nn.Module):
             raise ValueError(f"tagger expects {self.config.num_channels} channels, got waveform of shape {tuple(waveform.shape)}")
         features = self.encode(waveform.reshape(B * C, L))  # (B*C, t, D)
         features = features.view(B, C, *features.shape[1:]).permute(0, 2, 1, 3).flatten(2)  # (B, t, C*D), channel outermost
-        if self.config.head == "linear":
+        if self.config.multilabel:
             return self.head(self.head_norm(features.mean(1)))  # (B, 18)
         return self.head(features)  # (B, 3, 19)
 
@@ -324,7 +328,7 @@ class Tagger(nn.Module):
         """
         logits = logits.float()
         names = LABELS + (SILENCE,)
-        if self.config.head == "avg_linear":
+        if not self.config.multilabel:
             probabilities, indices = logits.softmax(-1).max(-1)  # (B, 3)
             return [[names[i] for i in row] for row in indices.tolist()], probabilities
         scores = logits.sigmoid()  # (B, 18)
@@ -346,7 +350,7 @@ def load_m2d_weights(tagger: Tagger, weight_file: str) -> None:
     if head_weight is not None and head_weight.shape[-1] == tagger.config.embed_dim:
         raise ValueError(f"{weight_file}: flat-feature M2D heads (feature dim {head_weight.shape[-1]}) are not supported")
     names = {name for name, _ in tagger.backbone.named_parameters()}
-    _load_strict(tagger.backbone, {k: v for k, v in state.items() if k in names}, weight_file)
+    load_weights(tagger.backbone, {k: v for k, v in state.items() if k in names}, weight_file)
     if "module.head.norm.running_mean" in state:  # EVAR fine-tuning head statistics
         tagger.head_norm.running_mean.copy_(state["module.head.norm.running_mean"])
         tagger.head_norm.running_var.copy_(state["module.head.norm.running_var"])
@@ -578,270 +582,126 @@ class S5(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Loading official Lightning checkpoints and our own checkpoints
+# Checkpoints: official Lightning files and our own, read by one function for evaluation, --init_from and --resume
 
-# The whole remap from the official Lightning checkpoints: key prefixes renamed in order (first
-# match wins) and keys dropped because this implementation computes them (nnAudio / torchlibrosa buffers and
-# frozen STFT kernels). Any other key is an error.
+# The whole remap from the official Lightning checkpoints: key prefixes renamed (first match wins), and the keys this
+# implementation computes instead of storing (nnAudio / torchlibrosa buffers, frozen STFT kernels), each True where
+# the official module holds it as a parameter: it then has a place in the official optimizer's list, never any state.
+# Any other key is an error.
 OFFICIAL_PREFIXES = {
     "tagger": (("model.m2d.", ""), ("model.", "")),  # 4-channel taggers nest the backbone in 'm2d'
     "separator": (("model.", ""),),
 }
 OFFICIAL_DROPPED = {
-    "tagger": {"to_spec.mel_basis", "to_spec.stft.wsin", "to_spec.stft.wcos", "to_spec.stft.window_mask"},
-    "separator": {"base.stft.conv_real.weight", "base.stft.conv_imag.weight", "base.istft.conv_real.weight",
-                  "base.istft.conv_imag.weight", "base.istft.ola_window"},
+    "tagger": dict.fromkeys(("to_spec.mel_basis", "to_spec.stft.wsin", "to_spec.stft.wcos", "to_spec.stft.window_mask"),
+                            False),
+    "separator": dict.fromkeys(("base.stft.conv_real.weight", "base.stft.conv_imag.weight", "base.istft.conv_real.weight",
+                                "base.istft.conv_imag.weight"), True) | {"base.istft.ola_window": False},
 }
+BUFFER_SUFFIXES = ("running_mean", "running_var", "num_batches_tracked")  # BatchNorm statistics: never in an optimizer
+CONFIGS = {"tagger": TaggerConfig, "separator": SeparatorConfig}
 
 
-def remap_official_state_dict(state_dict: dict, kind: str, source: str) -> dict:
-    """Official Lightning state dict -> our key names, following OFFICIAL_PREFIXES and OFFICIAL_DROPPED."""
-    remapped, unknown = {}, []
-    for key, value in state_dict.items():
+@dataclass
+class Checkpoint:
+    """What a checkpoint file holds, with our key names. config: the saved model configuration, or for an official
+    file the one its shapes imply; optimizer: its state dict (or None) over the parameters `parameter_names`, in
+    that optimizer's order; saved: our checkpoint dict itself (step, RNG states, ...), None for an official file."""
+    config: TaggerConfig | SeparatorConfig
+    weights: dict
+    optimizer: dict | None = None
+    parameter_names: list | None = None
+    saved: dict | None = None
+
+
+def read_checkpoint(path: str, kind: str) -> Checkpoint:
+    """Our checkpoint or an official Lightning one (m2dat_1c/4c.ckpt, resunetk.ckpt; 2025 m2dat.ckpt, resunet.ckpt)
+    of a 'tagger' or 'separator'; every problem a ValueError naming the file."""
+    if not Path(path).is_file():
+        raise ValueError(f"{path}: checkpoint file not found")
+    try:
+        raw = torch.load(path, map_location="cpu", weights_only=False)  # trusted files; Lightning needs pickle
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, AttributeError, ImportError) as error:
+        raise ValueError(f"{path}: cannot read it as a {kind} checkpoint ({type(error).__name__}: {error})") from None
+    if isinstance(raw, dict) and "kind" in raw:
+        if raw["kind"] != kind:
+            raise ValueError(f"{path}: this is a {raw['kind']} checkpoint, expected a {kind} checkpoint")
+        try:
+            config = CONFIGS[kind](**raw["model_config"])
+        except (KeyError, TypeError) as error:
+            raise ValueError(f"{path}: bad 'model_config' for {CONFIGS[kind].__name__}: {error}") from None
+        return Checkpoint(config, raw["model"], raw.get("optimizer"), raw.get("parameter_names"), raw)
+    if not (isinstance(raw, dict) and isinstance(raw.get("state_dict"), dict)):
+        raise ValueError(f"{path}: neither a nanoS5 checkpoint (with 'kind') nor a Lightning checkpoint (with "
+                         "'state_dict')")
+    state = raw["state_dict"]
+    found = "separator" if any(k.startswith("model.base.") for k in state) else (
+        "tagger" if any(".backbone." in k for k in state) else "unknown")
+    if found != kind:
+        raise ValueError(f"{path}: this Lightning checkpoint holds a {found} model, expected a {kind}")
+    names, unknown = [], []
+    for key in state:
         prefix = next(((old, new) for old, new in OFFICIAL_PREFIXES[kind] if key.startswith(old)), None)
         name = prefix[1] + key[len(prefix[0]):] if prefix else None
-        if name is None or name in remapped:
+        if name is None or name in names:
             unknown.append(key)
-        elif name not in OFFICIAL_DROPPED[kind]:
-            remapped[name] = value
+        else:
+            names.append(name)
     if unknown:
-        raise ValueError(f"{source}: keys not in the official {kind} layout: {', '.join(unknown)}")
-    return remapped
+        raise ValueError(f"{path}: keys not in the official {kind} layout: {', '.join(unknown)}")
+    weights = {name: value for name, value in zip(names, state.values()) if name not in OFFICIAL_DROPPED[kind]}
+    parameters = [name for name in names if OFFICIAL_DROPPED[kind].get(name, not name.endswith(BUFFER_SUFFIXES))]
+    optimizer = (raw.get("optimizer_states") or [None])[0]
+    return Checkpoint(official_config(weights, kind, 4 if any(k.startswith("model.m2d.") for k in state) else 1),
+                      weights, optimizer, parameters)
 
 
-def _load_strict(module: nn.Module, state_dict: dict, source: str) -> None:
-    result = module.load_state_dict(state_dict, strict=False)
-    if result.missing_keys or result.unexpected_keys:
-        raise ValueError(f"{source}: state dict does not match {type(module).__name__}; "
-                         f"missing keys: {result.missing_keys or 'none'}; unexpected keys: {result.unexpected_keys or 'none'}")
+def official_config(weights: dict, kind: str, num_channels: int) -> TaggerConfig | SeparatorConfig:
+    """The model configuration an official state dict implies: the variant from its keys, sizes from shapes."""
+    if kind == "separator":
+        out_channels, base_channels = weights["base.after_conv.weight"].shape[:2]
+        input_channels = weights["base.pre_conv.weight"].shape[1]
+        return SeparatorConfig(num_slots=out_channels // (3 * input_channels), base_channels=base_channels,
+                               input_channels=input_channels, condition_dim=weights["label_embedding.0.weight"].shape[0])
+    embed_dim = weights["backbone.pos_embed"].shape[-1]  # 64 channels per attention head, as ViT-Base
+    config = TaggerConfig(num_channels=num_channels, head="linear" if "head.weight" in weights else "avg_linear",
+                          patch_size=tuple(weights["backbone.patch_embed.proj.weight"].shape[-2:]), embed_dim=embed_dim,
+                          depth=len({k.split(".")[2] for k in weights if k.startswith("backbone.blocks.")}),
+                          num_heads=max(1, embed_dim // 64))
+    if not config.multilabel:
+        config.track_input_dim = weights["head.linear.0.weight"].shape[0] // NUM_SLOTS
+        config.track_hidden_dim = weights["head.tracks.0.0.weight"].shape[0]
+    return config
 
 
-def _read_checkpoint(path: str, kind: str) -> tuple[str, dict]:
-    """-> ('ours', checkpoint) or ('official', Lightning state_dict); errors name the file and the problem."""
-    if not Path(path).is_file():
-        raise FileNotFoundError(f"{path}: checkpoint file not found")
-    checkpoint = torch.load(path, map_location="cpu", weights_only=False)  # trusted files; Lightning needs pickle
-    if isinstance(checkpoint, dict) and "kind" in checkpoint:
-        if checkpoint["kind"] != kind:
-            raise ValueError(f"{path}: this is a {checkpoint['kind']} checkpoint, expected a {kind} checkpoint")
-        return "ours", checkpoint
-    if isinstance(checkpoint, dict) and isinstance(checkpoint.get("state_dict"), dict):
-        state = checkpoint["state_dict"]
-        found = "separator" if any(k.startswith("model.base.") for k in state) else (
-            "tagger" if any(".backbone." in k for k in state) else "unknown")
-        if found != kind:
-            raise ValueError(f"{path}: this Lightning checkpoint holds a {found} model, expected a {kind}")
-        return "official", state
-    raise ValueError(f"{path}: neither a nanoS5 checkpoint (with 'kind') nor a Lightning checkpoint (with 'state_dict')")
-
-
-def _config_from(checkpoint: dict, config_class, path: str):
-    try:
-        return config_class(**checkpoint["model_config"])
-    except (KeyError, TypeError) as error:
-        raise ValueError(f"{path}: bad 'model_config' for {config_class.__name__}: {error}") from None
+def load_weights(module: nn.Module, weights: dict, source: str, strict: bool = True) -> str:
+    """Load a state dict. Strict: any missing, unexpected or differently shaped tensor is a ValueError naming them.
+    Non-strict: the tensors whose name and shape match are loaded; returns the line listing the others ('' if none)."""
+    own = module.state_dict()
+    reshaped = [f"{key} {list(weights[key].shape)} in the checkpoint, {list(own[key].shape)} here"
+                for key in weights if key in own and weights[key].shape != own[key].shape]
+    problems = "; ".join(f"{label} {len(keys)} ({', '.join(keys[:3])}{', ...' if len(keys) > 3 else ''})"
+                         for label, keys in (("missing", [key for key in own if key not in weights]),
+                                             ("unexpected", [key for key in weights if key not in own]),
+                                             ("other shape", reshaped)) if keys)
+    if problems and strict:
+        raise ValueError(f"{source}: the weights do not fit this {type(module).__name__}: {problems}")
+    module.load_state_dict({key: value for key, value in weights.items()
+                            if key in own and value.shape == own[key].shape}, strict=False)
+    return problems
 
 
 def load_tagger(path: str) -> Tagger:
-    """A tagger in eval mode from our checkpoint or an official one (m2dat_1c/4c.ckpt, 2025 m2dat.ckpt)."""
-    origin, checkpoint = _read_checkpoint(path, "tagger")
-    if origin == "ours":
-        config = dataclasses.replace(_config_from(checkpoint, TaggerConfig, path), m2d_weights="")
-        state = checkpoint["model"]
-    else:
-        state = remap_official_state_dict(checkpoint, "tagger", path)
-        # The variant follows from the keys; the ViT size from the shapes (64 channels per attention head).
-        embed_dim = state["backbone.pos_embed"].shape[-1]
-        config = TaggerConfig(
-            num_channels=4 if any(k.startswith("model.m2d.") for k in checkpoint) else 1,
-            head="linear" if "head.weight" in state else "avg_linear",
-            patch_size=tuple(state["backbone.patch_embed.proj.weight"].shape[-2:]), embed_dim=embed_dim,
-            depth=len({k.split(".")[2] for k in state if k.startswith("backbone.blocks.")}),
-            num_heads=max(1, embed_dim // 64))
-        if config.head == "avg_linear":
-            config.track_input_dim = state["head.linear.0.weight"].shape[0] // NUM_SLOTS
-            config.track_hidden_dim = state["head.tracks.0.0.weight"].shape[0]
-    tagger = Tagger(config)
-    _load_strict(tagger, state, path)
+    """A tagger in eval mode from our checkpoint or an official one."""
+    checkpoint = read_checkpoint(path, "tagger")
+    tagger = Tagger(dataclasses.replace(checkpoint.config, m2d_weights=""))
+    load_weights(tagger, checkpoint.weights, path)
     return tagger.eval()
 
 
 def load_separator(path: str) -> Separator:
-    """A separator in eval mode from our checkpoint or an official one (2026/2025 resunetk.ckpt, 2025 resunet.ckpt)."""
-    origin, checkpoint = _read_checkpoint(path, "separator")
-    if origin == "ours":
-        config = _config_from(checkpoint, SeparatorConfig, path)
-        state = checkpoint["model"]
-    else:
-        state = remap_official_state_dict(checkpoint, "separator", path)
-        out_channels, base_channels = state["base.after_conv.weight"].shape[:2]
-        input_channels = state["base.pre_conv.weight"].shape[1]
-        config = SeparatorConfig(num_slots=out_channels // (3 * input_channels), base_channels=base_channels,
-                                 input_channels=input_channels, condition_dim=state["label_embedding.0.weight"].shape[0])
-    separator = Separator(config)
-    _load_strict(separator, state, path)
+    """A separator in eval mode from our checkpoint or an official one."""
+    checkpoint = read_checkpoint(path, "separator")
+    separator = Separator(checkpoint.config)
+    load_weights(separator, checkpoint.weights, path)
     return separator.eval()
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Benchmark
-
-
-def cpu_has_native_bf16() -> bool | None:
-    """Whether torch computes bf16 on this CPU in hardware: an x86 CPU with AVX512-BF16 or AMX, with torch's AVX512
-    kernels in use. Elsewhere (AVX2-only CPUs, or torch restricted by ATEN_CPU_CAPABILITY=avx2) bf16 is emulated and
-    a bf16 autocast training step is several times slower than fp32. None on other architectures (not detected)."""
-    if platform.machine().lower() not in ("x86_64", "amd64"):
-        return None
-    hardware = any(getattr(torch.cpu, check, lambda: False)()
-                   for check in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
-    return hardware and torch.backends.cpu.get_cpu_capability().startswith("AVX512")
-
-
-def cpu_summary() -> str:
-    """CPU model, torch threads, torch's kernel level and the bf16 support for benchmark headers, e.g. 'AMD EPYC,
-    2 threads, torch kernels AVX2, bf16 emulated (slower than fp32)'."""
-    name = platform.processor() or "unknown CPU"
-    try:
-        name = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                    if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    native = cpu_has_native_bf16()
-    bf16 = {True: "native", False: "emulated (slower than fp32)", None: "support not detected"}[native]
-    return f"{name}, {torch.get_num_threads()} threads, torch kernels {torch.backends.cpu.get_cpu_capability()}, bf16 {bf16}"
-
-
-class ConvSTFTSeparator(Separator):
-    """The same network with the official torchlibrosa-style conv1d STFT / conv + overlap-add ISTFT, for timing."""
-
-    def __init__(self, config: SeparatorConfig):
-        super().__init__(config)
-        n, bins = config.n_fft, config.n_fft // 2 + 1
-        angle = 2 * math.pi * torch.outer(torch.arange(n, dtype=torch.float64), torch.arange(n, dtype=torch.float64)) / n
-        window = torch.hann_window(n, periodic=True, dtype=torch.float64)
-        self.register_buffer("stft_real", (torch.cos(angle[:bins]) * window).float()[:, None], persistent=False)
-        self.register_buffer("stft_imag", (-torch.sin(angle[:bins]) * window).float()[:, None], persistent=False)
-        self.register_buffer("istft_real", (torch.cos(angle) / n * window[:, None]).float()[..., None], persistent=False)
-        self.register_buffer("istft_imag", (torch.sin(angle) / n * window[:, None]).float()[..., None], persistent=False)
-
-    def spectrogram(self, waveform):
-        x = F.pad(waveform.float()[:, None], (self.config.n_fft // 2,) * 2, mode="reflect")  # (N, 1, L + n_fft)
-        real = F.conv1d(x, self.stft_real, stride=self.config.hop_length)  # (N, F, T)
-        imag = F.conv1d(x, self.stft_imag, stride=self.config.hop_length)
-        return real.transpose(1, 2), imag.transpose(1, 2)
-
-    def waveform(self, real, imag, length):
-        n, hop = self.config.n_fft, self.config.hop_length
-        real, imag = real.transpose(1, 2), imag.transpose(1, 2)  # (N, F, T)
-        full_real = torch.cat([real, real[:, 1:-1].flip(1)], dim=1)  # (N, n_fft, T), Hermitian spectrum
-        full_imag = torch.cat([imag, -imag[:, 1:-1].flip(1)], dim=1)
-        frames = F.conv1d(full_real, self.istft_real) - F.conv1d(full_imag, self.istft_imag)  # (N, n_fft, T)
-        T = frames.shape[-1]
-        size = (1, (T - 1) * hop + n)
-        signal = F.fold(frames, size, (1, n), stride=(1, hop)).flatten(1)  # (N, samples)
-        envelope = F.fold(self.window.square()[None, :, None].expand(1, n, T), size, (1, n), stride=(1, hop)).flatten(1)
-        return (signal / envelope.clamp(min=1e-11))[:, n // 2:n // 2 + length]
-
-
-def time_train_step(model: nn.Module, inputs: tuple, dtype: torch.dtype, steps: int, device: torch.device) -> tuple:
-    """Median forward+backward wall ms over `steps` after one warm-up (the median resists a busy machine), median
-    process CPU ms (on a machine shared with other jobs, with one torch thread, the compute time of one core) and
-    peak memory in MiB (CUDA only)."""
-    model.train()
-
-    def step():
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
-            output = model(*inputs)
-        output.float().square().mean().backward()
-        model.zero_grad(set_to_none=True)
-
-    step()
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    times, cpu_times = [], []
-    for _ in range(steps):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        start, cpu_start = time.perf_counter(), time.process_time()
-        step()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append((time.perf_counter() - start) * 1000)
-        cpu_times.append((time.process_time() - cpu_start) * 1000)
-    memory = f"{torch.cuda.max_memory_allocated() / 2 ** 20:8.0f} MiB" if device.type == "cuda" else "     n/a"
-    return sorted(times)[len(times) // 2], sorted(cpu_times)[len(cpu_times) // 2], memory
-
-
-class SpectrogramRoundTrip(nn.Module):
-    """STFT of the mixture and ISTFT of three slots, as in one separator step, without the UNet."""
-
-    def __init__(self, separator: Separator):
-        super().__init__()
-        self.separator = separator
-        self.gain = nn.Parameter(torch.ones(()))  # stands in for the masks: gradients flow back through the ISTFT
-
-    def forward(self, mixture: torch.Tensor, queries: torch.Tensor) -> torch.Tensor:
-        B, C, L = mixture.shape
-        with torch.autocast(mixture.device.type, enabled=False):  # as in Separator.separate
-            real, imag = self.separator.spectrogram(mixture.reshape(B * C, L))  # (B*C, T, F)
-            real = real.view(B, 1, C, *real.shape[1:]).expand(B, NUM_SLOTS, -1, -1, -1).mean(2).flatten(0, 1)  # (B*3, T, F)
-            imag = imag.view(B, 1, C, *imag.shape[1:]).expand(B, NUM_SLOTS, -1, -1, -1).mean(2).flatten(0, 1)
-            return self.separator.waveform(real * self.gain, imag * self.gain, L).view(B, NUM_SLOTS, L)
-
-
-@dataclass
-class BenchConfig:
-    device: str = "auto"  # 'cpu', 'cuda' or 'auto' (cuda when available)
-    batch_size: int = 4  # mixtures per step; >= 2, the heads' BatchNorm trains on batch statistics
-    seconds: float = 10.0  # s, input length
-    steps: int = 5  # timed steps per measurement
-    finetuning: str = "head"  # tagger trainable part during the benchmark
-    base_channels: int = 32  # separator width
-
-
-def main():
-    parser = StrictParser(description=__doc__)
-    parser.add_argument("--bench", action="store_true", help="time forward+backward of the models")
-    add_config_flags(parser, BenchConfig)
-    arguments = parser.parse_args()
-    if not arguments.bench:
-        parser.print_help()
-        return
-    config = config_from_args(arguments, BenchConfig)
-    if config.batch_size < 2:
-        parser.error("--batch_size must be at least 2 (train-mode BatchNorm needs more than one item)")
-    if config.steps < 1 or config.seconds <= 0:
-        parser.error(f"--steps {config.steps} --seconds {config.seconds}: expected a positive number of each")
-    if config.device == "auto":
-        config.device = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(config.device)
-    torch.manual_seed(0)
-    mixture = torch.randn(config.batch_size, 4, int(config.seconds * SAMPLE_RATE), device=device) * 0.1
-    queries = torch.zeros(config.batch_size, NUM_SLOTS, NUM_CLASSES, device=device)
-    queries[:, 0, 0] = queries[:, 1, 5] = 1.0
-    separator_config = SeparatorConfig(base_channels=config.base_channels)
-    models = {
-        "tagger 1c": (build_tagger(TaggerConfig(finetuning=config.finetuning)), (mixture,)),
-        "tagger 4c": (build_tagger(TaggerConfig(num_channels=4, finetuning=config.finetuning)), (mixture,)),
-        "separator (torch.stft)": (build_separator(separator_config), (mixture, queries)),
-        "separator (conv STFT, official)": (ConvSTFTSeparator(separator_config), (mixture, queries)),
-        "STFT+ISTFT only (torch.stft)": (SpectrogramRoundTrip(Separator(SeparatorConfig(base_channels=1))), (mixture, queries)),
-        "STFT+ISTFT only (conv, official)": (SpectrogramRoundTrip(ConvSTFTSeparator(SeparatorConfig(base_channels=1))),
-                                             (mixture, queries)),
-    }
-    print(f"device {device}, batch {config.batch_size} x {config.seconds} s, tagger finetuning '{config.finetuning}', "
-          f"separator width {config.base_channels}")
-    if device.type == "cpu":
-        print(f"cpu: {cpu_summary()}")
-    for name, (model, inputs) in models.items():
-        model.to(device)
-        for dtype in (torch.float32, torch.bfloat16):
-            ms, cpu_ms, memory = time_train_step(model, inputs, dtype, config.steps, device)
-            print(f"{name:32s} {str(dtype).replace('torch.', ''):9s} fwd+bwd {ms:9.1f} ms   process CPU {cpu_ms:9.1f} ms"
-                  f"   peak {memory}")
-        model.cpu()
-
-
-if __name__ == "__main__":
-    main()

@@ -1,30 +1,26 @@
-"""Spatial mixture synthesizer (SpAudSyn-compatible) and the datasets that feed training and evaluation.
+"""Spatial mixtures exactly as the official synthesizers make them, and the datasets that feed training.
 
-Mixtures are built exactly like the official SpAudSyn synthesizer: mono events are peak-normalised, convolved
-with a 4-channel room impulse response (RIR) read from a SOFA file, scaled to ref_db + snr over the whole
-convolution, and summed with a background; the dry target of an event is the same source convolved with the
-direct-path window of channel 0 at the same scale. Three dataset modes:
+A scene is a metadata dict, the one record that flows from the scene generator to the renderer: SpAudSyn's format
+(2026; also what GeneratedDataset.scene(i) returns) or SpatialScaper's (2025 validation files). Mono events are
+peak-normalised, convolved with a 4-channel room impulse response (RIR) from a SOFA file, scaled to ref_db + snr over
+the whole convolution and summed with a background; an event's dry target is the same source through the direct-path
+window of the reference channel, at the same scale.
+
+    scene dict --Renderer.prepare--> the events' audio (cheap: DataLoader workers)
+               --render_scenes-----> mixtures [B, C, L] and dry targets [B, S, 1, L] (FFTs: a worker or the GPU)
 
     GeneratedDataset   random training scenes, item i a pure function of (seed, i)
-    MetadataDataset    scenes from SpAudSyn metadata JSON files (validation)
-    WaveformDataset    pre-rendered soundscapes with oracle or estimated sources (test / evaluation)
+    MetadataDataset    scenes from metadata JSON files (validation, data_prep.py render)
 
-The scenes are rendered by render.py (Renderer, BatchRenderer): in the DataLoader workers (render=True, the
-default) or on the training device (render=False). The files they read (the shared constants, audio, SOFA rooms,
-the dev-set index) are in devset.py.
-
-    python synth.py --bench --data data/dev_set --device cpu    # worker ms per mixture, device mixtures/s
-    python synth.py --bench --data data/dev_set --device cuda
+Adding a random scene parameter (an augmentation) takes three edits here: a SceneConfig field, its draw in
+SceneGenerator.generate (stored in the scene dict, so scene(i) keeps it), and its use in render_scenes.
 """
+import collections
 import dataclasses
+import itertools
 import json
 import math
-import os
 import random
-import re
-import shutil
-import tempfile
-import time
 import warnings
 from pathlib import Path
 
@@ -32,15 +28,16 @@ import numpy as np
 import scipy.fft
 import torch
 
-import render
-from cli import StrictParser, add_config_flags, config_from_args
-from devset import LABELS, NUM_SLOTS, ROOM_MODULE, SAMPLE_RATE, SILENCE, TIMER, DataIndex, read_audio
-from render import BatchRenderer, Renderer, new_tensor, stack_scenes
+from devset import (LABELS, NUM_SLOTS, SAMPLE_RATE, SILENCE, DataIndex, find_dev_set, metadata_files, open_room,
+                    read_audio, resolve)
+
+ROOM_MODULE = "src.modules.spatial_audio_synthesizer.room"  # written into metadata for the official loader
+WORKER_CACHE_MEGABYTES = 256  # RIR spectra a rendering DataLoader worker keeps (repeated positions skip read + FFT)
 
 
 @dataclasses.dataclass
 class SceneConfig:
-    """Training-scene generation; defaults are the official 2026 separator values (tagger: nevent (0, 3))."""
+    """Training scenes; defaults are the official 2026 separator values (tagger: nevent (0, 3))."""
     duration: float = 10.0  # s, mixture length
     ref_db: float = -55.0  # dB, reference level (mean square over channels and samples)
     nevent_range: tuple[int, int] = (1, 3)  # target events per mixture, inclusive
@@ -66,13 +63,13 @@ def item_rng(seed, index):
     return random.Random((int(state[0]) << 64) | int(state[1]))
 
 
-def _unit(vectors):
+def unit(vectors):
     norms = np.linalg.norm(vectors, axis=-1, keepdims=True)
     return vectors / np.where(norms > 0, norms, 1.0)
 
 
 class SceneGenerator:
-    """Draws SpAudSyn metadata for one training mixture from a DataIndex, as the official 'generate' mode."""
+    """Draws the SpAudSyn metadata of one training mixture from a DataIndex, as the official 'generate' mode."""
 
     def __init__(self, index: DataIndex, config: SceneConfig):
         self.index, self.config = index, config
@@ -85,7 +82,7 @@ class SceneGenerator:
             raise ValueError(f"{index.root}: nevent_range {config.nevent_range} needs more distinct classes than "
                              f"the {len(index.labels)} available")
 
-    def _event(self, rng, room, label, file, folder, snr_range, role, position=None):
+    def _event(self, rng, room, label, file, snr_range, role, position=None):
         relative, frames = file
         duration = frames / SAMPLE_RATE
         limit = min(self.config.max_event_duration, self.config.duration)  # an event never outlasts the scene
@@ -97,41 +94,40 @@ class SceneGenerator:
                 "snr": rng.uniform(*snr_range), "role": role}
 
     def _duplicate(self, rng, room, events, base_labels):
+        """One more source of a class already present, more than dupse_min_angle away, from another sub-folder."""
         config = self.config
         label = rng.choice(base_labels)
         same = [event for event in events if event["label"] == label]
-        references = _unit(np.array([event["event_position"][0] for event in same]))
-        angles = np.degrees(np.arccos(np.clip(_unit(room.positions) @ references.T, -1.0, 1.0)))  # (M, refs)
+        references = unit(np.array([event["event_position"][0] for event in same]))
+        angles = np.degrees(np.arccos(np.clip(unit(room.positions) @ references.T, -1.0, 1.0)))  # (M, refs)
         candidates = np.flatnonzero(np.all(angles > config.dupse_min_angle, axis=1)).tolist()
         if not candidates:
             raise ValueError(f"{room.path}: no RIR position more than {config.dupse_min_angle} degrees away from "
                              f"the {len(same)} {label} source(s); the room needs positions at more angles")
         position = rng.choice(candidates)
         used = [event["source_file"] for event in same]
-        excluded = {tuple(Path(name).parts[1:-1][:config.exclusion_folder_depth]) for name in used}
-        files = [file for file in self.index.events[label] if file[0] not in used
-                 and (len(Path(file[0]).parts) == 2
-                      or tuple(Path(file[0]).parts[1:-1][:config.exclusion_folder_depth]) not in excluded
-                      or config.exclusion_folder_depth == 0)]
+        depth = config.exclusion_folder_depth
+        excluded = {Path(name).parts[1:-1][:depth] for name in used}
+        files = [file for file in self.index.events[label] if file[0] not in used and
+                 (len(Path(file[0]).parts) == 2 or depth == 0 or Path(file[0]).parts[1:-1][:depth] not in excluded)]
         if not files:
             raise ValueError(f"{self.index.folders['sound_event'] / label}: no file left for a duplicate after "
                              f"excluding {used} and their sub-folders")
-        return self._event(rng, room, label, rng.choice(files), "foreground", config.snr_range, "foreground",
-                           position)
+        return self._event(rng, room, label, rng.choice(files), config.snr_range, "foreground", position)
 
     def generate(self, rng):
         """One scene as a SpAudSyn metadata dict, all randomness drawn from rng (a random.Random)."""
         config, index = self.config, self.index
         room = rng.choice(index.rooms)
         nevents = rng.randint(*config.nevent_range)
-        events = []
         n_duplicates = 0
         if nevents >= 2 and rng.random() <= config.dupse_rate:
             n_duplicates = rng.randint(1, min(nevents - 1, config.max_n_dupse))
+        events = []
         for _ in range(nevents - n_duplicates):
             label = rng.choice([label for label in index.labels if label not in {e["label"] for e in events}])
-            events.append(self._event(rng, room, label, rng.choice(index.events[label]), "foreground",
-                                      config.snr_range, "foreground"))
+            events.append(self._event(rng, room, label, rng.choice(index.events[label]), config.snr_range,
+                                      "foreground"))
         base_labels = [event["label"] for event in events]
         for _ in range(n_duplicates):
             events.append(self._duplicate(rng, room, events, base_labels))
@@ -140,7 +136,7 @@ class SceneGenerator:
             for _ in range(rng.randint(*config.interference_range)):
                 label = rng.choice(index.interference_labels)
                 interference.append(self._event(rng, room, label, rng.choice(index.interference[label]),
-                                                "interference", config.interference_snr_range, "interference"))
+                                                config.interference_snr_range, "interference"))
         background = []
         if index.noise:
             relative, frames, _ = rng.choice(index.noise)
@@ -152,20 +148,344 @@ class SceneGenerator:
         # Paths in the official form ('data/dev_set/sound_event/train'), so the official code reads the metadata too.
         folders = {key: index.metadata_folder(name) for key, name in (
             ("foreground_dir", "sound_event"), ("background_dir", "noise"), ("interference_dir", "interference"))}
+        room_folder = index.metadata_folder("room_ir")
         return {
             "config": {"duration": config.duration, "sr": SAMPLE_RATE, "max_event_overlap": 3,
                        "max_event_dur": config.max_event_duration, "ref_db": config.ref_db, **folders,
                        "room_config": {"module": ROOM_MODULE, "main": "SofaRoom", "args": {
-                           "path": index.metadata_folder("room_ir"),
-                           "direct_range_ms": list(config.direct_range_ms)}},
+                           "path": room_folder, "direct_range_ms": list(config.direct_range_ms)}},
                        "verbose": False},
             "fg_events": sorted(events, key=lambda event: event["event_time"]),
             "int_events": sorted(interference, key=lambda event: event["event_time"]),
             "bg_events": background,
-            "room": room.metadata(f"{index.metadata_folder('room_ir')}/"
-                                  f"{room.path.relative_to(index.folders['room_ir']).as_posix()}",
-                                  config.direct_range_ms),
+            "room": {"module": ROOM_MODULE, "main": "SofaRoom.from_metadata", "args": {"metadata": {
+                "sofa_path": f"{room_folder}/{room.path.relative_to(index.folders['room_ir']).as_posix()}",
+                "sr": SAMPLE_RATE, "nchan": room.num_channels, "nrir": room.num_positions,
+                "rir_len": room.rir_length, "direct_range_ms": list(config.direct_range_ms)}}},
         }
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Reading a scene: its events' audio and the rules of its format
+
+
+def scene_events(scene):
+    """The events of a scene in render order: foreground by event_time, then interference by event_time."""
+    foreground = sorted(scene.get("fg_events") or [], key=lambda event: event["event_time"])
+    return foreground, sorted(scene.get("int_events") or [], key=lambda event: event["event_time"])
+
+
+def scene_format(scene):
+    """'SpAudSyn' (2026: room = {'args': {'metadata': {'sofa_path'}}}) or 'SpatialScaper' (2025: room = a file
+    name in config.rir_dir); a ValueError for anything else."""
+    room = scene.get("room") if isinstance(scene, dict) else None
+    if isinstance(room, str):
+        return "SpatialScaper"
+    if isinstance(room, dict) and isinstance(room.get("args", {}).get("metadata"), dict):
+        return "SpAudSyn"
+    raise ValueError("not a scene: expected a SpAudSyn ('room': {'args': {'metadata': ...}}) or SpatialScaper "
+                     "('room': '<name>.sofa') metadata dict")
+
+
+def scene_rules(scene):
+    """(sofa path as written, positions as stored?, RIR rule, background stretch) of a scene's format.
+
+    The RIR rule is (normalisation, dry channel or None, samples before / after the peak, signed peak): SpAudSyn
+    keeps [argmax|h0| - 192, argmax|h0| + 1600] inclusive of the RMS-normalised IR; SpatialScaper keeps
+    [argmax h - a, argmax h + b) of the reference channel (config ref_channel; -1 / null = no dry target) of the
+    L2-normalised IR, with a, b from config spatialize_direct_path_time_ms."""
+    config = scene["config"]
+    if scene_format(scene) == "SpAudSyn":
+        room = scene["room"]["args"]["metadata"]
+        before, after = room.get("direct_range_ms", (6, 50))
+        return room["sofa_path"], False, ("rms", 0, int(before * SAMPLE_RATE / 1000),
+                                          int(after * SAMPLE_RATE / 1000), False), "tile"
+    before, after = config.get("spatialize_direct_path_time_ms") or (6, 50)
+    channel = config.get("ref_channel")
+    channel = None if channel is None or channel < 0 else int(channel)
+    return (f"{config['rir_dir']}/{scene['room']}", True,
+            ("l2", channel, int(before * SAMPLE_RATE / 1000), int(after * SAMPLE_RATE / 1000), True), "repeat")
+
+
+class Renderer:
+    """Renders scenes of one dev set on one device: prepare() reads a scene's audio (cheap, any process);
+    render() and __call__ run render_scenes there, keeping RIR spectra in one bounded cache (RirSpectra)."""
+
+    def __init__(self, dev_set="data/dev_set", device="cpu", megabytes=WORKER_CACHE_MEGABYTES):
+        self.dev_set, self.device, self.megabytes = Path(dev_set), torch.device(device), megabytes
+        self._spectra = None  # made on the first render, in the process that renders
+
+    def __getstate__(self):  # each DataLoader worker keeps its own spectra
+        return dict(self.__dict__, _spectra=None)
+
+    @property
+    def spectra(self):
+        if self._spectra is None:
+            self._spectra = RirSpectra(self.device, self.megabytes)
+        return self._spectra
+
+    def prepare(self, scene, num_channels=None, dry=True):
+        """The worker half of rendering: read, peak-normalise and place the events of a scene dict, no FFT.
+
+        Returns a record for stack_scenes. Per event (render order): its samples (float32, concatenated in
+        'sources'), length, onset and full convolution length in samples, dry-target slot (-1: none), target
+        level ref_db + snr (dB) and RIR key; the background float32 [C, L] at its level (zeros without one); the
+        foreground labels. SpAudSyn's int(time * sr) sample arithmetic, peak normalisation, multichannel files
+        averaged to mono. num_channels: the first channels of the room the mixture keeps (None = all)."""
+        config = scene["config"]
+        if int(config["sr"]) != SAMPLE_RATE:
+            raise ValueError(f"metadata sr {config['sr']}, expected {SAMPLE_RATE}")
+        length = int(config["duration"] * SAMPLE_RATE)
+        sofa_path, stored, rule, stretch = scene_rules(scene)
+        room = open_room(resolve(self.dev_set, sofa_path).resolve())
+        channels = room.num_channels if num_channels is None else num_channels
+        if not 1 <= channels <= room.num_channels:
+            raise ValueError(f"{room.path}: {room.num_channels} RIR channels, {channels} requested")
+        dry = dry and rule[1] is not None
+        foreground, interference = scene_events(scene)
+        record = {key: [] for key in ("sources", "lengths", "onsets", "full_lengths", "slots", "levels", "rir_keys")}
+        for number, (event, folder) in enumerate(itertools.chain(
+                ((event, "foreground_dir") for event in foreground),
+                ((event, "interference_dir") for event in interference))):
+            if not 0 <= event["event_time"] < config["duration"]:
+                raise ValueError(f"event {event['source_file']}: event_time {event['event_time']} s is outside the "
+                                 f"{config['duration']} s mixture")
+            audio = read_audio(resolve(self.dev_set, config[folder], event["source_file"]),
+                               int(event["source_time"] * SAMPLE_RATE), int(event["event_duration"] * SAMPLE_RATE))
+            source = audio[0] if len(audio) == 1 else audio.mean(axis=0)  # mono like librosa, a new array
+            peak = max(source.max(), -source.min()) if source.size else 0.0
+            record["sources"].append(np.divide(source, peak, out=source) if peak > 0 else source)
+            try:
+                position = room.find_position(event["event_position"], stored)
+            except ValueError as error:
+                raise ValueError(f"event {event['source_file']}: {error}") from None
+            record["lengths"].append(len(source))
+            record["onsets"].append(int(event["event_time"] * SAMPLE_RATE))
+            record["full_lengths"].append(len(source) + room.rir_length - 1)
+            record["slots"].append(number if number < len(foreground) and dry else -1)
+            record["levels"].append(config["ref_db"] + event["snr"])
+            record["rir_keys"].append((str(room.path), position, rule, record["slots"][-1] >= 0))
+        background = np.zeros((channels, length), dtype=np.float32)
+        for event in scene.get("bg_events") or []:
+            audio, gain = self._background(config, event, room.num_channels, length, stretch)
+            background += audio[:channels] * gain  # the level counts all channels; only the kept ones are scaled
+        return dict(record, sources=np.concatenate(record["sources"] or [np.zeros(0, np.float32)]),
+                    background=background, rir_length=room.rir_length, dry=dry, metadata=scene,
+                    labels=[event["label"] for event in foreground])
+
+    def _background(self, config, event, channels, length, stretch):
+        """(float32 [channels, L], float32 gain to ref_db + its snr over all channels and samples). A short file is
+        tiled (SpAudSyn) or has every sample repeated (SpatialScaper's np.repeat); a file whose channel count
+        differs from the room's is skipped with a warning, as SpAudSyn does."""
+        path = resolve(self.dev_set, config["background_dir"], event["source_file"])
+        if event.get("source_time") is not None:
+            audio = read_audio(path, int(event["source_time"] * SAMPLE_RATE), length)
+        else:
+            audio = read_audio(path)
+            if audio.shape[1] == 0:
+                raise ValueError(f"{path}: empty background file")
+            repeat = math.ceil(length / audio.shape[1])
+            audio = (np.tile(audio, (1, repeat)) if stretch == "tile" else np.repeat(audio, repeat, axis=1))[:, :length]
+        if len(audio) != channels:
+            warnings.warn(f"{path}: {len(audio)}-channel background for a {channels}-channel room, skipped")
+            return audio[:0], np.float32(0)
+        if audio.shape[1] < length:
+            audio = np.pad(audio, ((0, 0), (0, length - audio.shape[1])))
+        # Mean square in float32 pairwise sums per channel (relative error ~1e-8), the channels added in float64.
+        energy = float(np.square(audio).sum(axis=1).astype(np.float64).sum()) / audio.size
+        if energy == 0:
+            return audio, np.float32(1)
+        return audio, np.float32(10 ** ((config["ref_db"] + event.get("snr", 0) - 10 * math.log10(energy)) / 20))
+
+    def render(self, records):
+        """Records of one batch -> (mixture float32 [B, C, L], dry float32 [B, S, 1, L] or None) on the device."""
+        return render_scenes(to_device(stack_scenes(records), self.device), self.spectra)
+
+    def __call__(self, batch):
+        """A DataLoader batch -> the same batch on the device, its scene records (key 'scene') rendered there into
+        'mixture' and 'dry_sources'. Copies are non-blocking and rendering only queues device work."""
+        batch = to_device(batch, self.device)
+        scenes = batch.pop("scene", None)
+        if scenes is not None:
+            batch["mixture"], dry = render_scenes(scenes, self.spectra)
+            if dry is not None:
+                batch["dry_sources"] = dry
+        return batch
+
+    def render_scene(self, scene, num_channels=None, dry=True):
+        """One scene dict -> (mixture float32 [C, L], dry targets float32 [E, 1, L] in event_time order, labels)."""
+        record = self.prepare(scene, num_channels, dry)
+        mixture, dry_sources = self.render([record])
+        events = len(record["labels"])
+        return mixture[0].cpu(), None if dry_sources is None else dry_sources[0, :events].cpu(), record["labels"]
+
+
+def to_device(value, device):
+    if torch.is_tensor(value):
+        return value.to(device, non_blocking=True)
+    if isinstance(value, dict):
+        return {key: to_device(item, device) for key, item in value.items()}
+    return value
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Rendering scene batches on any device
+
+
+def rfft(signal, length):
+    """Real FFT of the last axis, zero-padded to `length` -> complex64 [..., length // 2 + 1] on signal's device.
+    CPU tensors go through scipy's pocketfft (faster there than torch's at these lengths on one core, bench.py)."""
+    if signal.device.type == "cpu":
+        return torch.from_numpy(scipy.fft.rfft(signal.numpy(), length, axis=-1))
+    return torch.fft.rfft(signal, length)
+
+
+def irfft(spectrum, length):
+    """Inverse of rfft -> float32 [..., length]; on the CPU it overwrites `spectrum`."""
+    if spectrum.device.type == "cpu":
+        return torch.from_numpy(scipy.fft.irfft(spectrum.numpy(), length, axis=-1, overwrite_x=True))
+    return torch.fft.irfft(spectrum, length)
+
+
+def host_tensor(values, dtype, device):
+    """A small host list as a tensor on `device`; on CUDA through pinned memory, so that the copy does not wait
+    for the work queued on the GPU."""
+    tensor = torch.tensor(values, dtype=dtype)
+    return tensor.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else tensor.to(device)
+
+
+Spectra = collections.namedtuple("Spectra", "channels power direct")  # [C, F], [F], [F] or None of one RIR
+
+
+class RirSpectra:
+    """RIR spectra on one device, least recently used first out beyond `megabytes` (a batch's own are always
+    held until it is rendered). Per (room file, position, RIR rule, FFT length, channels C, dry) it keeps the rfft
+    of the RIR's first C channels, the RIR power per bin averaged over all the room's channels (an event's level
+    by Parseval needs nothing else) and, for events with a dry target, the rfft of the reference channel's
+    direct-path window. A miss reads the RIR in this process and transforms all misses of a batch at once."""
+
+    def __init__(self, device, megabytes):
+        self.device, self.megabytes = torch.device(device), megabytes
+        self.entries = collections.OrderedDict()  # key -> Spectra, least recently used first
+
+    def lookup(self, keys, fft_length, channels):
+        """Spectra of each key (room path, position, rule, with direct path?) for this layout, in order."""
+        # The DataLoader's pin_memory turns tuples into lists: keys are made hashable again here.
+        keys = [(path, int(position), tuple(rule), bool(direct), fft_length, channels)
+                for path, position, rule, direct in keys]
+        missing = [key for key in dict.fromkeys(keys) if key not in self.entries]
+        found = {key: self.entries[key] for key in keys if key in self.entries}
+        for key in found:
+            self.entries.move_to_end(key)
+        if missing:
+            found |= self._compute(missing)
+            self.entries |= {key: found[key] for key in missing}
+        bins = fft_length // 2 + 1
+        keep = self.megabytes * 2 ** 20 // (bins * (8 * channels + 12))  # bytes of an entry with a direct path
+        while len(self.entries) > keep:
+            self.entries.popitem(last=False)
+        return [found[key] for key in keys]
+
+    def _compute(self, keys):
+        reads = []  # per key: the normalised RIR [R, N] and the slice of its dry channel kept as direct path
+        for path, position, (normalisation, channel, before, after, signed), _, _, channels in keys:
+            room = open_room(Path(path))
+            if channels > room.num_channels:
+                raise ValueError(f"{path}: {room.num_channels} RIR channels, {channels} requested")
+            response = room.rir(position, normalisation)
+            reference = response[channel or 0]
+            peak = int(np.argmax(reference if signed else np.abs(reference)))
+            reads.append((response, slice(max(peak - before, 0), min(peak + after + (not signed), len(reference)))))
+        fft_length = keys[0][4]
+        sizes = [len(response) + key[3] for (response, _), key in zip(reads, keys)]
+        stacked = np.zeros((sum(sizes), fft_length), np.float32)
+        for start, (response, window), key in zip(np.cumsum([0] + sizes), reads, keys):
+            stacked[start:start + len(response), :response.shape[-1]] = response
+            if key[3]:  # the next row: the dry channel inside the direct-path window
+                stacked[start + len(response), window] = response[key[2][1], window]
+        transformed = rfft(torch.from_numpy(stacked).to(self.device), fft_length).split(sizes)
+        spectra = {}
+        for key, rows, (response, _) in zip(keys, transformed, reads):
+            room_rows = rows[:len(response)]  # (R, F)
+            spectra[key] = Spectra(rows[:key[5]], (room_rows.real.square() + room_rows.imag.square()).mean(0),
+                                   rows[len(response)] if key[3] else None)
+        return spectra
+
+
+def stack_scenes(records):
+    """Scene records (Renderer.prepare) of one batch -> the scene batch render_scenes takes: the events of all B
+    mixtures listed together, their samples concatenated (only real samples cross between processes).
+
+    Tensors: sources float32 [T], background float32 [B, C, L]. Host lists per event: item (its mixture), lengths,
+    onsets, full_lengths, slots, levels, rir_keys; per batch: fft_length, dry_slots S (0 = no dry targets) and the
+    scenes' metadata dicts (for parameters that render_scenes reads from the scenes themselves)."""
+    shapes = sorted({record["background"].shape for record in records})
+    if len(shapes) > 1:
+        raise ValueError(f"the scenes of one batch differ in (channels, samples): {shapes}")
+    length = shapes[0][1]
+    batch = {key: [value for record in records for value in record[key]]
+             for key in ("lengths", "onsets", "full_lengths", "slots", "levels", "rir_keys")}
+    batch["items"] = [item for item, record in enumerate(records) for _ in record["lengths"]]
+    span = max([length] + [onset + count for onset, count in zip(batch["onsets"], batch["lengths"])])
+    dry_slots = max([NUM_SLOTS] + [len(record["labels"]) for record in records]) if records[0]["dry"] else 0
+    return dict(batch, sources=torch.from_numpy(np.concatenate([record["sources"] for record in records])),
+                background=torch.from_numpy(np.stack([record["background"] for record in records])),
+                fft_length=scipy.fft.next_fast_len(span + max(r["rir_length"] for r in records) - 1, real=True),
+                dry_slots=dry_slots, metadata=[record["metadata"] for record in records])
+
+
+def render_scenes(scenes, spectra):
+    """Render a scene batch (stack_scenes; its tensors on one device) there -> (mixture float32 [B, C, L], dry
+    float32 [B, S, 1, L] or None).
+
+    Each event's source spectrum is scaled to its level over all RIR channels and the whole convolution, by
+    Parseval from the cached RIR power (no inverse FFT); the scaled spectra times each RIR channel are summed per
+    mixture; one inverse FFT per mixture channel and per dry target (the source through the direct-path window
+    at the same gain), cut to L; the background is added. Equal to the exact float64 computation within 1e-4 of
+    the peak. Only host lists steer the work, so on a GPU it never waits for the device."""
+    background, fft_length, dry_slots = scenes["background"], scenes["fft_length"], scenes["dry_slots"]
+    (B, C, L), events, device = background.shape, len(scenes["lengths"]), background.device
+    if device.type == "cpu" and torch.get_num_threads() > 1:
+        # One thread, as in a loader worker: split over threads, elementwise complex products fall into vectorised
+        # and scalar code differently and round differently, and a scene must give the same bits anywhere.
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            return render_scenes(scenes, spectra)
+        finally:
+            torch.set_num_threads(threads)
+    mixture = background.clone()
+    dry = background.new_zeros(B, dry_slots, 1, L) if dry_slots else None
+    if events:
+        rirs = spectra.lookup(scenes["rir_keys"], fft_length, C)
+        placed = background.new_zeros(events, fft_length)  # (E, N): each source at its onset
+        starts = itertools.accumulate(scenes["lengths"], initial=0)
+        for event, (start, count, onset) in enumerate(zip(starts, scenes["lengths"], scenes["onsets"])):
+            placed[event, onset:onset + count] = scenes["sources"][start:start + count]
+        source = rfft(placed, fft_length)  # (E, F)
+        weighted = (source.real.square() + source.imag.square()) * torch.stack([rir.power for rir in rirs])
+        # Parseval for a real signal: every bin counts twice except DC and (for an even length) Nyquist.
+        energy = 2 * weighted.sum(-1).double() - weighted[:, 0]
+        if fft_length % 2 == 0:
+            energy = energy - weighted[:, -1]
+        energy = energy / (fft_length * host_tensor(scenes["full_lengths"], torch.float64, device))  # mean square
+        target = 10 ** (host_tensor(scenes["levels"], torch.float64, device) / 20)
+        gain = torch.where(energy > 0, target / energy.clamp(min=1e-300).sqrt(), 1.0)
+        source *= gain.float()[:, None]
+        foreground = [event for event, slot in enumerate(scenes["slots"]) if slot >= 0]
+        outputs = torch.zeros(B * C + len(foreground), fft_length // 2 + 1, dtype=torch.complex64, device=device)
+        for event, item in enumerate(scenes["items"]):
+            outputs[item * C:(item + 1) * C].addcmul_(source[event], rirs[event].channels)  # (C, F)
+        if foreground:  # (E_fg, F): the dry targets' spectra
+            torch.mul(source[foreground], torch.stack([rirs[event].direct for event in foreground]),
+                      out=outputs[B * C:])
+        waves = irfft(outputs, fft_length)  # (rows, N)
+        mixture += waves[:B * C, :L].view(B, C, L)
+        if foreground:
+            rows = host_tensor([scenes["items"][e] * dry_slots + scenes["slots"][e] for e in foreground],
+                               torch.int64, device)
+            dry.view(B * dry_slots, L)[rows] = waves[B * C:, :L]
+    return mixture, dry
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -173,405 +493,114 @@ class SceneGenerator:
 
 
 def label_vector(labels, mode="stack", silence_mode="zeros"):
-    """Label list -> float32 tensor: 'stack' [n, C], 'concat' [n * C], 'multihot' [C]; C = 18 ('zeros': silence
-    is an all-zero row) or 19 ('onehot': silence is class 18)."""
+    """Label list -> float32 tensor: 'stack' [n, K], 'concat' [n * K], 'multihot' [K]; K = 18 ('zeros': silence
+    is an all-zero row) or 19 ('onehot': silence is class 18), as the official DatasetS3."""
     if silence_mode not in ("zeros", "onehot"):
         raise ValueError(f"silence_label_mode {silence_mode!r}, expected 'zeros' or 'onehot'")
-    rows = torch.zeros(len(labels), len(LABELS) + (silence_mode == "onehot"))
+    names = LABELS + ((SILENCE,) if silence_mode == "onehot" else ())
+    rows = torch.zeros(len(labels), len(names))
     for row, label in enumerate(labels):
-        if label == SILENCE:
-            if silence_mode == "onehot":
-                rows[row, len(LABELS)] = 1.0
-        elif label in LABELS:
-            rows[row, LABELS.index(label)] = 1.0
-        else:
+        if label not in names and label != SILENCE:
             raise ValueError(f"unknown label {label!r}; expected one of LABELS or {SILENCE!r}")
-    if mode == "stack":
-        return rows
-    if mode == "concat":
-        return rows.reshape(-1)  # (n * C,)
-    if mode == "multihot":
-        return rows.amax(dim=0) if len(labels) else rows.sum(dim=0)
-    raise ValueError(f"label_vector_mode {mode!r}, expected 'stack', 'concat' or 'multihot'")
+        if label in names:
+            rows[row, names.index(label)] = 1.0
+    if mode not in ("stack", "concat", "multihot"):
+        raise ValueError(f"label_vector_mode {mode!r}, expected 'stack', 'concat' or 'multihot'")
+    return {"stack": rows, "concat": rows.reshape(-1), "multihot": rows.sum(0).clamp(max=1)}[mode]
 
 
 def collate(items):
-    """Batch dict: tensors stacked along a new first dim, scene records by stack_scenes, anything else a list per
-    key. Inside a DataLoader worker the tensors are made in shared memory, so the batch is not copied again on its
-    way to the training process."""
-    shared = torch.utils.data.get_worker_info() is not None
+    """Batch dict: scene records by stack_scenes, tensors stacked along a new first dim, other values listed."""
     batch = {}
     for key in items[0]:
         values = [item[key] for item in items]
         if key == "scene":
-            batch[key] = stack_scenes(values, shared)
-        elif all(isinstance(value, torch.Tensor) for value in values):
-            batch[key] = torch.stack(values, out=new_tensor((len(values), *values[0].shape), values[0].dtype, shared))
+            batch[key] = stack_scenes(values)
+        elif all(torch.is_tensor(value) for value in values):
+            batch[key] = torch.stack(values)
         else:
             batch[key] = values
     return batch
 
 
-def _slots(labels, sources, length, modes):
-    """Pad labels with silence (and sources [E, 1, L] with zeros) to NUM_SLOTS -> (labels, vector, sources)."""
-    padding = max(NUM_SLOTS - len(labels), 0)
-    labels = list(labels) + [SILENCE] * padding
-    if sources is not None:
-        sources = np.concatenate([sources, np.zeros((padding, 1, length), dtype=np.float32)])
-        sources = torch.from_numpy(np.ascontiguousarray(sources, dtype=np.float32))  # (3, 1, L)
-    return labels, label_vector(labels, *modes), sources
+class SceneDataset(torch.utils.data.Dataset):
+    """What both datasets share: items from scene dicts, rendered in this process or (render=False) left as
+    records under 'scene' for a batched render on the training device (Renderer.__call__).
+
+    Items: 'label' (NUM_SLOTS labels, silence last), 'label_vector', 'soundscape', 'metadata' (the scene), and
+    'mixture' float32 [C, L] with, when return_sources, 'dry_sources' float32 [S, 1, L]."""
+
+    def __init__(self, dev_set, label_vector_mode, silence_label_mode, return_sources, num_channels, render):
+        self.renderer = Renderer(dev_set)
+        self.modes = (label_vector_mode, silence_label_mode)
+        self.return_sources, self.num_channels, self.render = return_sources, num_channels, render
+
+    def item(self, scene, name, order=None):
+        """The item of a scene; order: the foreground events (render order) of slots 0, 1, ..."""
+        record = self.renderer.prepare(scene, self.num_channels, self.return_sources)
+        order = list(range(len(record["labels"]))) if order is None else order
+        slots = np.full(len(record["slots"]), -1)
+        slots[order] = np.arange(len(order))
+        record["slots"] = [int(slot) if old >= 0 else -1 for slot, old in zip(slots, record["slots"])]
+        labels = [record["labels"][i] for i in order] + [SILENCE] * max(NUM_SLOTS - len(order), 0)
+        item = {"label": labels, "label_vector": label_vector(labels, *self.modes), "soundscape": name,
+                "metadata": scene}
+        if not self.render:
+            return item | {"scene": record}
+        mixture, dry = self.renderer.render([record])
+        return item | {"mixture": mixture[0]} | ({"dry_sources": dry[0]} if dry is not None else {})
 
 
-def _scene_item(renderer, record, labels, soundscape, scene, modes, render):
-    """The dataset item of one scene: rendered here ('mixture' [C, L], 'dry_sources' [S, 1, L] with dry targets)
-    or, with render False, its record under 'scene' for a batched render (BatchRenderer)."""
-    labels, vector, _ = _slots(labels, None, 0, modes)
-    item = {"label": labels, "label_vector": vector, "soundscape": soundscape, "metadata": scene}
-    if not render:
-        item["scene"] = record
-        return item
-    item["mixture"], dry = renderer.render_record(record)
-    if dry is not None:
-        item["dry_sources"] = dry
-    return item
-
-
-class GeneratedDataset(torch.utils.data.Dataset):
+class GeneratedDataset(SceneDataset):
     """Training mixtures generated on the fly; item i is a pure function of (seed, i).
 
-    data_root: the dev-set folder; split: the folders the scenes draw from ('train'; the demo's validation and
-    test mixtures use 'valid'). spectrum_cache_dir: optional folder where RIR spectra are stored once and shared
-    by all workers and runs (10 MB per RIR position for 4 x 174763 taps; see RirSpectra). num_channels: the first
-    mixture channels to render (None = all; 1 for the 1-channel tagger); return_sources: render dry targets.
-    render=False: items carry the prepared scene under 'scene' instead of 'mixture' / 'dry_sources', for
-    BatchRenderer.
-    """
+    data_root: the dev-set folder; split: the folders scenes draw from ('train'; the demo's validation and test
+    mixtures use 'valid'); num_channels: the first mixture channels to render (None = all; 1 for the 1-channel
+    tagger); return_sources: render dry targets; render=False: records for Renderer.__call__."""
 
     def __init__(self, data_root, scene=None, length=1000, seed=0, label_vector_mode="stack",
-                 silence_label_mode="zeros", return_sources=True, split="train", spectrum_cache_dir=None,
-                 num_channels=None, render=True):
+                 silence_label_mode="zeros", return_sources=True, split="train", num_channels=None, render=True):
+        super().__init__(data_root, label_vector_mode, silence_label_mode, return_sources, num_channels, render)
         self.index = DataIndex(data_root, split)  # listed once here; workers receive a copy
         self.scene_config = scene if scene is not None else SceneConfig()
         self.generator = SceneGenerator(self.index, self.scene_config)
-        self.renderer = Renderer(data_root, self.index.rooms, spectrum_cache_dir)
-        if num_channels is not None and num_channels > min(room.num_channels for room in self.index.rooms):
-            raise ValueError(f"{num_channels} mixture channels requested, but the rooms of {data_root} have "
-                             f"{min(room.num_channels for room in self.index.rooms)}")
+        fewest = min(room.num_channels for room in self.index.rooms)
+        if num_channels is not None and num_channels > fewest:
+            raise ValueError(f"{num_channels} mixture channels requested, but the rooms of {data_root} have {fewest}")
         self.length, self.seed = length, seed
-        self.modes = (label_vector_mode, silence_label_mode)
-        self.return_sources, self.num_channels, self.render = return_sources, num_channels, render
 
     def __len__(self):
         return self.length
 
     def scene(self, index):
-        """The SpAudSyn metadata of item `index` (rendering it gives the same mixture)."""
+        """The metadata of item `index` (rendering it gives the same mixture)."""
         return self.generator.generate(item_rng(self.seed, index))
 
     def __getitem__(self, index):
         rng = item_rng(self.seed, index)
-        with TIMER("scene"):
-            scene = self.generator.generate(rng)
-        record = self.renderer.prepare(scene, self.num_channels, self.return_sources)
-        order = list(range(len(record["labels"])))
+        scene = self.generator.generate(rng)
+        order = list(range(len(scene["fg_events"])))
         if self.scene_config.shuffle_label:
-            rng.shuffle(order)
-        record["slots"][order] = np.arange(len(order))  # foreground events come first: event order[j] -> slot j
-        return _scene_item(self.renderer, record, [record["labels"][i] for i in order], "soundscape_%08d" % index,
-                           scene, self.modes, self.render)
+            rng.shuffle(order)  # drawn after the scene, as the official shuffle after synthesis
+        return self.item(scene, "soundscape_%08d" % index, order)
 
 
-def metadata_files(metadata_path):
-    """valid.json (list of {'metadata_path': relative to its folder}) or a folder of *.json -> sorted paths."""
-    path = Path(metadata_path)
-    if path.is_dir():
-        files = sorted(path.glob("*.json"))
-    elif not path.is_file():
-        raise ValueError(f"{path}: not found (expected valid.json or a folder of metadata JSON files)")
-    else:
-        try:
-            entries = json.loads(path.read_text())
-            files = [path.parent / entry["metadata_path"] for entry in entries]
-        except (OSError, ValueError, TypeError, KeyError) as error:
-            raise ValueError(f"{path}: expected a JSON list of {{'metadata_path': ...}} entries ({error})") from None
-    missing = [str(file) for file in files if not file.is_file()]
-    if missing:
-        raise ValueError(f"{path}: metadata files not found: {', '.join(missing)}")
-    if not files:
-        raise ValueError(f"{path}: no metadata files")
-    return files
-
-
-def find_dev_set(metadata_path):
-    """The dev set a metadata file or folder lies in: its nearest ancestor holding sound_event/ and room_ir/
-    (DIR/metadata/valid.json -> DIR). Raises ValueError when there is none."""
-    path = Path(os.path.abspath(metadata_path))
-    for folder in (path, *path.parents):
-        if (folder / "sound_event").is_dir() and (folder / "room_ir").is_dir():
-            return folder
-    raise ValueError(f"{metadata_path}: lies in no dev set (no folder above it holds sound_event/ and room_ir/); "
-                     "name the dev set explicitly (data_root, --data_root)")
-
-
-class MetadataDataset(torch.utils.data.Dataset):
-    """Mixtures rendered from SpAudSyn metadata JSON files; name = the JSON file stem (spectrum_cache_dir,
-    num_channels, render as in GeneratedDataset).
-
-    data_root: the dev-set folder the metadata paths refer to (see Renderer); None = the dev set the metadata
-    lies in (find_dev_set).
-    """
+class MetadataDataset(SceneDataset):
+    """Mixtures rendered from metadata JSON files (valid.json or a folder of *.json); name = the file's stem.
+    data_root: the dev set the metadata paths refer to (None = the one the metadata lies in)."""
 
     def __init__(self, metadata_path, data_root=None, label_vector_mode="stack", silence_label_mode="zeros",
-                 return_sources=True, spectrum_cache_dir=None, num_channels=None, render=True):
-        self.files = metadata_files(metadata_path)
+                 return_sources=True, num_channels=None, render=True):
         dev_set = data_root if data_root is not None else find_dev_set(metadata_path)
-        self.renderer = Renderer(dev_set, (), spectrum_cache_dir)
-        self.modes = (label_vector_mode, silence_label_mode)
-        self.return_sources, self.num_channels, self.render = return_sources, num_channels, render
+        super().__init__(dev_set, label_vector_mode, silence_label_mode, return_sources, num_channels, render)
+        self.files = metadata_files(metadata_path)
 
     def __len__(self):
         return len(self.files)
 
     def __getitem__(self, index):
+        path, _ = self.files[index]
         try:
-            scene = json.loads(self.files[index].read_text())
-            record = self.renderer.prepare(scene, self.num_channels, self.return_sources)
-            return _scene_item(self.renderer, record, record["labels"], self.files[index].stem, scene, self.modes,
-                               self.render)
+            return self.item(json.loads(path.read_text()), path.stem)
         except (ValueError, KeyError, TypeError) as error:
-            raise ValueError(f"{self.files[index]}: {error!r}") from None
-
-
-def index_sources(folder, soundscapes):
-    """Map each soundscape name to its source files [(path, label)] in folder, sorted by file name (the official
-    loader's order). Returns (index, problems): a problem for every WAV whose name matches no soundscape, fits
-    several, or carries an unknown label. Entries that are not WAV files are warned about and ignored.
-    """
-    folder = Path(folder)
-    known = set(soundscapes)
-    index = {name: [] for name in soundscapes}
-    problems, ignored = [], []
-    for path in sorted(folder.iterdir()):
-        if path.suffix != ".wav" or not path.is_file():
-            ignored.append(path.name)
-            continue
-        # A soundscape name is a prefix of the file name ending just before an underscore.
-        candidates = [path.name[:position] for position, character in enumerate(path.name)
-                      if character == "_" and path.name[:position] in known]
-        parsed, errors = [], []
-        for soundscape in candidates:
-            try:
-                parsed.append((soundscape, parse_source_name(soundscape, path.name)[1]))
-            except ValueError as error:
-                errors.append(str(error))
-        if not candidates:
-            problems.append(f"{path}: name matches no soundscape in the data folder")
-        elif not parsed:
-            problems.append(f"{path}: {errors[-1].split(': ', 1)[-1]}")
-        elif len(parsed) > 1:
-            problems.append(f"{path}: name fits several soundscapes ({', '.join(name for name, _ in parsed)})")
-        else:
-            soundscape, label = parsed[0]
-            index[soundscape].append((path, label))
-    if ignored:  # a warning (shown once per process), since callers may index the same folder twice
-        warnings.warn(f"ignoring {len(ignored)} non-WAV entries in {folder}: {', '.join(ignored[:5])}"
-                      + (" ..." if len(ignored) > 5 else ""))
-    return index, problems
-
-
-class WaveformDataset(torch.utils.data.Dataset):
-    """Pre-rendered soundscapes (<soundscape_dir>/*.wav) with sources named '<soundscape>_<n>_<label>.wav'.
-
-    target_dir gives 'label', 'label_vector', 'dry_sources'; estimate_dir gives the same keys prefixed 'est_'.
-    More than NUM_SLOTS sources of one soundscape are all kept; fewer are padded with silence.
-    """
-
-    def __init__(self, soundscape_dir, target_dir=None, label_vector_mode="stack", silence_label_mode="zeros",
-                 estimate_dir=None):
-        self.files = sorted(Path(soundscape_dir).glob("*.wav"))
-        if not self.files:
-            raise ValueError(f"{soundscape_dir}: no .wav soundscapes")
-        self.sources, problems = {}, []  # prefix -> {soundscape: [(path, label)]}
-        for prefix, folder in (("", target_dir), ("est_", estimate_dir)):
-            if folder is not None:
-                self.sources[prefix], found = index_sources(folder, [path.stem for path in self.files])
-                problems += found
-        if problems:
-            raise ValueError(f"{len(problems)} bad source file name(s):\n" + "\n".join(problems))
-        self.modes = (label_vector_mode, silence_label_mode)
-
-    def __len__(self):
-        return len(self.files)
-
-    def __getitem__(self, index):
-        path = self.files[index]
-        mixture = read_audio(path)
-        item = {"mixture": torch.from_numpy(mixture), "soundscape": path.stem}
-        for prefix, sources_of in self.sources.items():
-            labels, sources = [], []
-            for source_path, label in sources_of[path.stem]:
-                source = read_audio(source_path)
-                if len(source) != 1 or source.shape[1] != mixture.shape[1]:
-                    raise ValueError(f"{source_path}: shape {source.shape}, expected mono of {mixture.shape[1]} "
-                                     "samples")
-                labels.append(label)
-                sources.append(source)
-            sources = np.stack(sources) if sources else np.zeros((0, 1, mixture.shape[1]), dtype=np.float32)
-            labels, vector, sources = _slots(labels, sources, mixture.shape[1], self.modes)
-            item.update({prefix + "label": labels, prefix + "label_vector": vector, prefix + "dry_sources": sources})
-        return item
-
-
-def parse_source_name(soundscape: str, filename: str) -> tuple[int | None, str]:
-    """Split a source file name '<soundscape>_<n>_<label>.wav' or '<soundscape>_<label>.wav' into (n, label).
-
-    n is None for the 2025 naming without slot index. Raises ValueError when the name does not belong to the
-    soundscape or the label is not one of LABELS.
-    """
-    match = re.fullmatch(re.escape(soundscape) + r"(?:_(\d+))?_(.+)\.wav", filename)
-    if match is None:
-        raise ValueError(f"{filename}: expected '{soundscape}_<n>_<label>.wav' or '{soundscape}_<label>.wav'")
-    index, label = match.groups()
-    if label not in LABELS:
-        raise ValueError(f"{filename}: unknown label {label!r}; expected one of {', '.join(LABELS)}")
-    return (int(index) if index is not None else None), label
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Benchmark
-
-
-@dataclasses.dataclass
-class BenchConfig:
-    data: str = "data/dev_set"  # data root to generate from
-    device: str = "cpu"  # where batches are rendered: 'cpu' or 'cuda'
-    count: int = 64  # mixtures per measurement
-    seed: int = 0  # generation seed
-    tagger_batch: int = 32  # mixtures per tagger-style batch (official 1-channel recipe: 32 per GPU)
-    separator_batch: int = 4  # mixtures per separator-style batch (official recipe: 4 per GPU)
-    cache_megabytes: int = 4096  # RIR spectra kept on the device (train.py --rir_cache_megabytes)
-    worker_passes: int = 5  # passes over the same scenes for the worker-side time; the fastest is printed
-
-
-def _breakdown(count, phases):
-    return ", ".join(f"{phase} {TIMER.seconds[phase] * 1000 / count:.2f}" for phase in phases)
-
-
-def _pinned(value):
-    if torch.is_tensor(value):
-        return value.pin_memory()
-    return {key: _pinned(item) for key, item in value.items()} if isinstance(value, dict) else value
-
-
-def bench(config: BenchConfig):
-    """Print, for tagger-style and separator-style batches: worker ms per mixture (scene draw + reading), device
-    mixtures/s with the breakdown, and ms per mixture when a worker renders one mixture at a time (CPU)."""
-    try:
-        device = torch.device(config.device)
-        if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
-            raise RuntimeError(f"{torch.cuda.device_count()} CUDA devices are visible")
-    except RuntimeError as error:
-        raise SystemExit(f"--device {config.device}: not usable here ({error}); expected 'cpu' or 'cuda'")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("--device cuda: no CUDA device is visible")
-    synchronize = torch.cuda.synchronize if device.type == "cuda" else lambda: None
-    start = time.perf_counter()
-    try:
-        rooms = DataIndex(config.data).rooms
-    except ValueError as error:  # one line listing every problem
-        raise SystemExit(f"--data {config.data}: not a usable dev set: "
-                         f"{'; '.join(line.strip() for line in str(error).splitlines()[1:]) or error}")
-    print(f"data {config.data}: {len(rooms)} rooms, {sum(r.num_positions for r in rooms)} positions, "
-          f"{rooms[0].num_channels} channels x {rooms[0].rir_length} taps; index built in "
-          f"{time.perf_counter() - start:.2f} s; torch threads {torch.get_num_threads()}; device {device}"
-          f"{f' ({torch.cuda.get_device_name(device)})' if device.type == 'cuda' else ''}")
-    fft_length = scipy.fft.next_fast_len(round(SceneConfig().duration * SAMPLE_RATE) + rooms[0].rir_length - 1,
-                                         real=True)
-    signal = np.random.default_rng(0).standard_normal(fft_length).astype(np.float32)
-    timings = []
-    for _ in range(20):
-        start = time.perf_counter()
-        scipy.fft.rfft(signal)
-        timings.append(time.perf_counter() - start)
-    print(f"machine load check: one float32 rfft of {fft_length} samples takes {min(timings) * 1000:.2f} ms "
-          f"(median {np.median(timings) * 1000:.2f} ms)")
-    styles = (("tagger-style: 1 channel, no dry targets", SceneConfig(nevent_range=(0, 3)),
-               dict(num_channels=1, return_sources=False), config.tagger_batch),
-              ("separator-style: 4 channels + dry targets", SceneConfig(), {}, config.separator_batch))
-    for title, scene, options, batch_size in styles:
-        print(f"\n{title}, {batch_size} mixtures per batch, {config.count} mixtures")
-        dataset = GeneratedDataset(config.data, scene, length=config.count, seed=config.seed, render=False, **options)
-        for index in range(config.count):  # brings the files of these scenes into the page cache
-            dataset[index]
-        passes = []  # (wall ms, CPU ms, breakdown) per pass over the same scenes; one pass varies by 10-30 %
-        for _ in range(config.worker_passes):
-            TIMER.seconds.clear()
-            start, cpu_start = time.perf_counter(), time.process_time()
-            batches = [collate([dataset[index] for index in range(first, min(first + batch_size, config.count))])
-                       for first in range(0, config.count, batch_size)]
-            passes.append(((time.perf_counter() - start) * 1000 / config.count,
-                           (time.process_time() - cpu_start) * 1000 / config.count,  # less affected by other jobs
-                           _breakdown(config.count, ("scene", "reading"))))
-        total, cpu, breakdown = min(passes)
-        median = float(np.median([wall for wall, _, _ in passes]))
-        print(f"  worker: scene draw + reading + collate        {total:7.2f} ms/mixture  (fastest of "
-              f"{config.worker_passes} passes, median {median:.2f}; CPU time {cpu:.2f}; {breakdown})")
-        if device.type == "cuda":
-            batches = [_pinned(batch) for batch in batches]
-        renderer = BatchRenderer(device, config.cache_megabytes)
-        for label in ("first pass (RIR spectra read + FFT)", "RIR spectra cached"):
-            TIMER.seconds.clear()
-            synchronize()
-            start = time.perf_counter()
-            for batch in batches:
-                renderer(batch)
-            synchronize()
-            seconds = time.perf_counter() - start
-            line = f"  device {device.type}, {label:<36} {config.count / seconds:8.1f} mixtures/s"
-            if label == "RIR spectra cached":  # a second pass with a wait per phase gives the breakdown
-                TIMER.seconds.clear()
-                TIMER.device = device if device.type == "cuda" else None
-                for batch in batches:
-                    renderer(batch)
-                TIMER.device = None
-                line += f"  (ms/mixture: {_breakdown(config.count, ('spectra', 'sources', 'mixing', 'inverse'))})"
-            print(line)
-        rendering = GeneratedDataset(config.data, scene, length=config.count, seed=config.seed, **options)
-        cache_dir = tempfile.mkdtemp(prefix="spectra-")
-        try:
-            for label, megabytes, folder in ((f"memory cache {render.spectrum_cache_megabytes} MB",
-                                              render.spectrum_cache_megabytes, None),
-                                             ("disk cache (warm), memory 0 MB", 0, cache_dir)):
-                rendering.renderer = Renderer(config.data, rendering.index.rooms, folder)
-                saved, render.spectrum_cache_megabytes = render.spectrum_cache_megabytes, megabytes
-                if folder is not None:
-                    for index in range(config.count):  # fills the disk cache with the positions the scenes use
-                        rendering[index]
-                TIMER.seconds.clear()
-                start = time.perf_counter()
-                for index in range(config.count):
-                    rendering[index]
-                total = (time.perf_counter() - start) * 1000 / config.count
-                render.spectrum_cache_megabytes = saved
-                print(f"  workers mode, one mixture at a time, {label:<31} {total:7.2f} ms/mixture  "
-                      f"({_breakdown(config.count, ('scene', 'reading', 'spectra', 'sources', 'mixing', 'inverse'))})")
-        finally:
-            shutil.rmtree(cache_dir, ignore_errors=True)
-
-
-def main():
-    parser = StrictParser(description=__doc__)
-    parser.add_argument("--bench", action="store_true", help="run the synthesis benchmark")
-    add_config_flags(parser, BenchConfig)
-    arguments = parser.parse_args()
-    if not arguments.bench:
-        parser.error("nothing to do; use --bench")
-    config = config_from_args(arguments, BenchConfig)
-    for name in ("count", "tagger_batch", "separator_batch", "worker_passes"):
-        if getattr(config, name) < 1:
-            parser.error(f"--{name} {getattr(config, name)}: expected a positive number")
-    bench(config)
-
-
-if __name__ == "__main__":
-    main()
+            raise ValueError(f"{path}: {error!r}") from None

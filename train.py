@@ -1,42 +1,24 @@
 """Train the M2D tagger or the ResUNetK separator: one loop for one process, one GPU or many (torchrun).
 
-    python train.py --task tagging --preset demo             # demo tagger on data/dev_set, a few minutes on CPU
+    python train.py --task tagging --preset demo             # demo tagger on data/dev_set, minutes on a CPU
     python train.py --task separation --preset demo          # demo separator
-    python train.py --task separation --preset resunetk_capisdr --device cuda --dtype bf16
     torchrun --nproc_per_node=4 train.py --task tagging --preset m2dat_1c
-    torchrun --nproc_per_node=4 train.py --task tagging --preset m2dat_1c_2blks \
-        --init_from runs/tagging_m2dat_1c/last.pt            # second stage: weights, AdamW state and lr 1e-3
+    torchrun --nproc_per_node=4 train.py --task tagging --preset m2dat_1c_2blks --init_from runs/tagging_m2dat_1c/last.pt
+    torchrun --nproc_per_node=4 train.py --task separation --preset resunetk_capisdr
     python train.py --out_dir runs/separation_demo --resume --max_steps 2000   # continue a run exactly
     python train.py --task separation --preset demo --print_config   # the values a run would use, and their origin
-    python train.py --help                                   # every knob, generated from the dataclasses
 
-Configuration precedence: dataclass defaults < --preset (default: the task's official 2026 recipe) <
---config run/config.json (with --resume: the run's own config.json) < command-line flags. The run folder gets
-config.json (the resolved configuration), log.jsonl (one JSON line per log step and validation), last.pt (the
-full training state) and best.pt (the weights of the lowest validation loss); both load with
-model.load_tagger / model.load_separator.
+Configuration: dataclass defaults < --preset (default: the task's official recipe) < --config run/config.json
+(with --resume: the run's own) < flags. The run folder gets config.json, log.jsonl (one JSON line per log step and
+validation), last.pt (everything --resume needs) and best.pt (the weights of the lowest validation loss).
 
-The global batch is split as batch_size x world size x accumulation: the per-device batch is the largest one,
-at most --batch_size, that divides global_batch / world_size (exactly --batch_size when given on the command
-line), so a preset runs unchanged under any number of processes that divides its global batch.
+The global batch is batch_size x world size x accumulation: the per-device batch is the largest one, at most
+--batch_size, that divides global_batch / world_size (exactly --batch_size when given as a flag).
 
-SIGINT, SIGTERM and SIGHUP ask for a stop: every rank finishes its step (or its validation batch), rank 0 writes
-last.pt, and all ranks exit with status 0. The same signal arriving again within REPEAT_SIGNAL_SECONDS is the
-same request (torchrun forwards what it receives, and cluster schedulers signal every process); a later second
-Ctrl-C aborts at once.
-
-Differences from the official Lightning recipe, on purpose (the README lists all of them):
-* Training length is counted in optimizer steps and the scene stream is endless: scene number
-  ((step * accumulation + micro_step) * world_size + rank) * batch_size + item, each a pure function of
-  (seed, number). This is what makes --resume exact; the official epochs of `dataset_length` generated scenes
-  map to `eval_interval` = dataset_length / global_batch steps.
-* Parameters that never receive a gradient (the separator's decoder beta2 FiLM layers and decoder bn2) are
-  found once with a probe pass and frozen, instead of paying find_unused_parameters on every step.
-* SyncBatchNorm needs CUDA; CPU runs under torchrun keep per-rank BatchNorm statistics.
-* Mixtures are rendered on the training device (--render_on device, the default on CUDA; render.BatchRenderer): the
-  loader workers only draw the scenes and read the audio. Only what the task uses is rendered (the 1-channel
-  tagger: channel 0 and no dry targets). The validation mixtures are rendered once per process and kept; the
-  official code synthesizes every validation mixture again at every validation.
+Training scenes are an endless stream: scene ((step * accumulation + micro_step) * world_size + rank) * batch_size
++ item is a pure function of (seed, number), so --resume continues exactly; the official epochs of
+`dataset_length` scenes map to `eval_interval` steps. SIGINT, SIGTERM and SIGHUP ask for a stop: all ranks finish
+the step (or validation batch), rank 0 writes last.pt, every rank exits with status 0.
 """
 import argparse
 import dataclasses
@@ -44,11 +26,13 @@ import gc
 import json
 import math
 import os
-import pickle
+import platform
 import random
 import resource
 import signal
+import subprocess
 import sys
+import tempfile
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -58,30 +42,26 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
-from checkpoint import (check_config_json, code_version, config_differences, load_optimizer_state, load_weights,
-                        map_optimizer_state, read_initial_checkpoint, rng_states, save_checkpoint, set_rng_states)
-from cli import add_config_flags, unknown_flags_message
-from cluster import STOP_SIGNALS, StepStatus, StopRequest, setup_distributed, split_batch
+from cli import add_config_flags, atomic_path, resolve_device, unknown_flags_message
 from devset import LABELS, SAMPLE_RATE
 from metrics import (binary_cross_entropy, capi_sdri, class_aware_pit_snr_loss, label_accuracies, label_counts,
-                     masked_snr_loss, pit_cross_entropy, snr, snr_loss)
-from model import SeparatorConfig, TaggerConfig, build_separator, build_tagger, cpu_has_native_bf16
-from render import BatchRenderer, keep_heap_memory, spectra_megabytes
-from synth import GeneratedDataset, MetadataDataset, SceneConfig
-from training_data import (DATA_HINT, StepBatches, ValidationSet, check_data_root, default_num_workers, label_modes,
-                           make_loader, mixture_channels)
+                     masked_snr_loss, pit_cross_entropy, snr64)
+from model import SeparatorConfig, TaggerConfig, build_separator, build_tagger, load_weights, read_checkpoint
+from synth import GeneratedDataset, MetadataDataset, Renderer, SceneConfig, collate
 
 TASKS = ("tagging", "separation")
 LOSSES = {"tagging": ("pit_cross_entropy", "binary_cross_entropy"),
           "separation": ("class_aware_pit_snr", "snr", "snr_masked")}
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-CPU_HEAP_KEEP_MEGABYTES = 2047  # freed memory a CPU training process keeps for the next step (render.keep_heap_memory)
 M2D_WEIGHTS = "checkpoint/m2d_as_vit_base-80x1001p16x16p32k-240413_AS-FT_enconly/weights_ep69it3124-0.47998.pth"
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)  # each asks for a stop after the current step
+REPEAT_SIGNAL_SECONDS = 5.0  # a signal repeated within this time is the same stop request (torchrun forwards it)
+STATUS_READ_SECONDS = 2.0  # longest wall time between two reads of the step status (loss, stop request)
+VALID_MEMORY_BYTES = 2 * 2**30  # per rank: a larger rendered validation set goes to files in the run folder
+DATA_HINT = ("Create the small demo set with `python data_prep.py demo` (writes data/dev_set), or check a full "
+             "development set with `python data_prep.py verify --data DIR` and pass it as --data_root DIR.")
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Configuration
-# ----------------------------------------------------------------------------------------------------------
 @dataclasses.dataclass
 class TrainConfig:
     task: str = "separation"  # 'tagging' (M2D tagger) or 'separation' (ResUNetK separator)
@@ -92,7 +72,7 @@ class TrainConfig:
     init_optimizer: bool = False  # also take the AdamW state and its lr from --init_from (unless --lr is given)
     init_non_strict: bool = False  # --init_from: load the tensors whose name and shape match, list the others
     seed: int = 0  # seeds the model initialisation and the scene stream
-    max_steps: int = 200_000  # optimizer steps (official separator: unlimited epochs of 632 steps)
+    max_steps: int = 200_000  # optimizer steps
     batch_size: int = 4  # largest mixtures per device and micro-step (exactly this when given as a flag)
     global_batch: int = 16  # mixtures per optimizer step over all devices; sets the gradient accumulation
     lr: float = 1e-4  # peak learning rate
@@ -105,10 +85,9 @@ class TrainConfig:
     tf32: bool = False  # TF32 matmuls on Ampere+ GPUs (off: torch's default; cuDNN convolutions use TF32 either way)
     compile: bool = False  # torch.compile the training forward
     device: str = "auto"  # 'cpu', 'cuda' or 'auto' (cuda when available)
-    num_workers: int = -1  # DataLoader processes per rank that read scenes (-1 = CPU cores per local rank - 1, >= 1)
+    num_workers: int = -1  # DataLoader processes per rank reading scenes (-1 = CPU cores per local rank - 1, >= 1)
     render_on: str = "auto"  # 'device' (workers read, the training device renders), 'workers', 'auto' (device on CUDA)
     rir_cache_megabytes: int = 2048  # MB of RIR spectra kept on the training device (--render_on device)
-    spectrum_cache_dir: str = ""  # folder for RIR spectra shared by processes and runs ('' = off; 10 MB per position)
     prefetch_factor: int = 4  # batches each worker prepares ahead
     log_interval: int = 10  # steps between log lines
     eval_interval: int = 632  # steps between validations (official: once per epoch)
@@ -120,44 +99,36 @@ class TrainConfig:
 SECTIONS = {"train": TrainConfig, "tagger": TaggerConfig, "separator": SeparatorConfig, "scene": SceneConfig}
 MODEL_SECTION = {"tagging": "tagger", "separation": "separator"}
 
-# Official recipes (the official config/*.yaml; 4 GPUs for 2026). global_batch = GPUs x batch/GPU; eval_interval =
-# dataset_length / global_batch, i.e. one validation per official epoch; max_steps = max_epochs x eval_interval
-# where the official run was bounded, otherwise a generous budget (the official runs were stopped by hand).
-# The second tagger stage keeps the yaml's lr 1e-5, but the official run was resumed with Lightning's `-r` from the
-# head stage, which restored that stage's AdamW state and its lr 1e-3: init_optimizer does the same.
+# Official recipes (config/*.yaml; 4 GPUs for 2026): global_batch = GPUs x batch per GPU, eval_interval =
+# dataset_length / global_batch (one validation per official epoch), max_steps = max_epochs x eval_interval where
+# the official run was bounded. The second tagger stage keeps the yaml's lr 1e-5, but the official run was resumed
+# with Lightning's `-r` from the head stage, restoring its AdamW state and lr 1e-3: init_optimizer does the same.
 TAGGER_2026 = dict(batch_size=32, global_batch=128, lr=1e-3, eval_interval=196, eval_batch_size=16)
 TAGGER_2BLKS = dict(batch_size=32, global_batch=128, lr=1e-5, init_optimizer=True, max_steps=5000, eval_interval=5,
                     eval_batch_size=16)
 SCENE_2025 = dict(ref_db=-50.0, nevent_range=(1, 3), dupse_rate=0.0, interference_range=(1, 2))
 PRESETS = {
-    "m2dat_1c": {"tagging": dict(train=dict(TAGGER_2026, max_steps=300 * 196),
-                                 tagger=dict(num_channels=1, finetuning="head", m2d_weights=M2D_WEIGHTS),
-                                 scene=dict(nevent_range=(0, 3)))},
-    "m2dat_1c_2blks": {"tagging": dict(train=TAGGER_2BLKS,
-                                       tagger=dict(num_channels=1, finetuning="2_blocks", m2d_weights=M2D_WEIGHTS),
-                                       scene=dict(nevent_range=(0, 3)))},
-    "m2dat_4c": {"tagging": dict(train=dict(TAGGER_2026, max_steps=300 * 196),
-                                 tagger=dict(num_channels=4, finetuning="head", m2d_weights=M2D_WEIGHTS),
-                                 scene=dict(nevent_range=(0, 3)))},
-    "m2dat_4c_2blks": {"tagging": dict(train=TAGGER_2BLKS,
-                                       tagger=dict(num_channels=4, finetuning="2_blocks", m2d_weights=M2D_WEIGHTS),
-                                       scene=dict(nevent_range=(0, 3)))},
+    "m2dat_1c": {"tagging": dict(train=dict(TAGGER_2026, max_steps=300 * 196), scene=dict(nevent_range=(0, 3)),
+                                 tagger=dict(num_channels=1, finetuning="head", m2d_weights=M2D_WEIGHTS))},
+    "m2dat_1c_2blks": {"tagging": dict(train=TAGGER_2BLKS, scene=dict(nevent_range=(0, 3)),
+                                       tagger=dict(num_channels=1, finetuning="2_blocks", m2d_weights=M2D_WEIGHTS))},
+    "m2dat_4c": {"tagging": dict(train=dict(TAGGER_2026, max_steps=300 * 196), scene=dict(nevent_range=(0, 3)),
+                                 tagger=dict(num_channels=4, finetuning="head", m2d_weights=M2D_WEIGHTS))},
+    "m2dat_4c_2blks": {"tagging": dict(train=TAGGER_2BLKS, scene=dict(nevent_range=(0, 3)),
+                                       tagger=dict(num_channels=4, finetuning="2_blocks", m2d_weights=M2D_WEIGHTS))},
     "resunetk_capisdr": {"separation": dict(train=dict(loss="class_aware_pit_snr", batch_size=4, global_batch=16,
                                                        lr=1e-4, max_steps=200_000, eval_interval=632),
                                             separator=dict(num_slots=3))},
     # 2025 separators: the GPU count of these runs is not documented; 8 as for the 2025 tagger table.
-    # Our synthesizer is the 2026 one with the 2025 levels (no duplicated classes, 1-2 interferers).
-    "resunet": {"separation": dict(train=dict(loss="snr", batch_size=5, global_batch=40, lr=1e-4,
-                                              max_steps=200_000, eval_interval=2500),
-                                   separator=dict(num_slots=1), scene=SCENE_2025)},
+    "resunet": {"separation": dict(train=dict(loss="snr", batch_size=5, global_batch=40, lr=1e-4, max_steps=200_000,
+                                              eval_interval=2500), separator=dict(num_slots=1), scene=SCENE_2025)},
     "resunetk": {"separation": dict(train=dict(loss="snr_masked", batch_size=5, global_batch=40, lr=1e-4,
                                                max_steps=200_000, eval_interval=2500),
                                     separator=dict(num_slots=3), scene=SCENE_2025)},
-    # Small models from scratch for the procedural demo set, a few minutes each on 2 CPU cores (README). The tagger
-    # sees whole 10 s scenes (the test mixtures are 10 s) through 16 x 32 patches, half the tokens of 16 x 16. The
-    # separator trains on 3 s clips with a coarser STFT (512 / 256): its cost is dominated by full-resolution
-    # spectrogram layers, not by the width. In runs this short a cosine decay of the lr gives both models a better
-    # end point than the official constant lr. Validation stays on the 10 s valid.json mixtures.
+    # Small models from scratch for the procedural demo set, minutes each on 2 CPU cores. The tagger sees whole 10 s
+    # scenes through 16 x 32 patches (half the tokens of 16 x 16); the separator trains on 3 s clips with a coarser
+    # STFT (its cost is in the full-resolution layers, not the width). In runs this short a cosine decay gives both a
+    # better end point than the official constant lr. Validation stays on the 10 s valid.json mixtures.
     "demo": {"tagging": dict(train=dict(batch_size=16, global_batch=16, lr=1e-3, lr_schedule="cosine", max_steps=450,
                                         eval_interval=150, eval_batch_size=16, checkpoint_interval=50),
                              tagger=dict(finetuning="all", m2d_weights="", embed_dim=192, depth=4, num_heads=3,
@@ -171,39 +142,12 @@ PRESETS = {
 OFFICIAL_PRESET = {"tagging": "m2dat_1c", "separation": "resunetk_capisdr"}
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False,
-        epilog="The defaults shown above are the code defaults (the dataclass fields). A preset (by default the "
-               "task's official recipe) overrides them, --config overrides the preset and flags override all; "
-               "--print_config shows the values a run would use and where each one comes from.")
-    parser.add_argument("--preset", help=f"named recipe: {', '.join(PRESETS)} (default: the task's official one); "
-                                         "it overrides the code defaults shown below")
-    parser.add_argument("--config", help="a run's config.json; its values override the preset")
-    parser.add_argument("--resume", action="store_true", help="continue the run in --out_dir from its last.pt")
-    parser.add_argument("--print_config", action="store_true",
-                        help="print the resolved configuration with the origin of each value, then exit")
-    for section, cls in SECTIONS.items():
-        # TrainConfig fields are plain flags (--lr); the others carry their section (--separator.base_channels).
-        group = parser.add_argument_group(cls.__name__ if section == "train" else
-                                          f"{cls.__name__} (--{section}.* flags)")
-        add_config_flags(group, cls, prefix="" if section == "train" else f"{section}.",
-                         dest_prefix=f"{section}.", layered=True)
-    return parser
-
-
-def merge_section(values: dict, overrides: dict, section: str, origin: str, origins: dict) -> None:
-    """Apply overrides to one section's values in place and note their origin; unknown keys are errors naming the
-    valid ones."""
-    for key, value in overrides.items():
-        if key not in values:
-            raise SystemExit(f"{origin}: unknown key {section}.{key}; valid keys: {', '.join(values)}")
-        values[key] = tuple(value) if isinstance(values[key], tuple) and isinstance(value, list) else value
-        origins[key] = origin
+# ----------------------------------------------------------------------------------------------------------
+# Configuration: defaults < preset < --config < flags
 
 
 def format_flag(name: str, value) -> str:
-    """A value as the command-line flag that sets it: --lr 0.001, --no-tf32, --scene.snr_range 5.0 20.0."""
+    """A value as the flag that sets it: --lr 0.001, --no-tf32, --scene.snr_range 5.0 20.0."""
     if isinstance(value, bool):
         return f"--{name}" if value else f"--no-{name}"
     if isinstance(value, (tuple, list)):
@@ -211,8 +155,39 @@ def format_flag(name: str, value) -> str:
     return f"--{name} {value if value != '' else repr(value)}"
 
 
+def preset_values(task: str, preset: str) -> dict:
+    """{section: {field: value}}: the code defaults with a preset's recipe for a task applied."""
+    return {section: dataclasses.asdict(cls()) | PRESETS[preset][task].get(section, {})
+            for section, cls in SECTIONS.items()}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Every field a flag; --help shows the values of the official presets (per task where they differ)."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     allow_abbrev=False)
+    parser.add_argument("--preset", help=f"named recipe: {', '.join(PRESETS)} (default: the task's official one, "
+                                         f"{' / '.join(OFFICIAL_PRESET.values())})")
+    parser.add_argument("--config", help="a run's config.json; its values override the preset")
+    parser.add_argument("--resume", action="store_true", help="continue the run in --out_dir from its last.pt")
+    parser.add_argument("--print_config", action="store_true",
+                        help="print the resolved configuration with the origin of each value, then exit")
+    official = {task: preset_values(task, preset) for task, preset in OFFICIAL_PRESET.items()}
+    for section, cls in SECTIONS.items():
+        tasks = [task for task in TASKS if MODEL_SECTION[task] == section] or list(TASKS)
+        shown = {}
+        for name in official[tasks[0]][section]:
+            values = {task: official[task][section][name] for task in tasks}
+            shown[name] = (repr(values[tasks[0]]) if len(set(map(repr, values.values()))) == 1 else
+                           ", ".join(f"{value!r} for {task}" for task, value in values.items()))
+        # TrainConfig fields are plain flags (--lr); the others carry their section (--separator.base_channels).
+        group = parser.add_argument_group(cls.__name__ if section == "train" else f"{cls.__name__} (--{section}.*)")
+        add_config_flags(group, cls, prefix="" if section == "train" else f"{section}.", dest_prefix=f"{section}.",
+                         layered=True, shown=shown)
+    return parser
+
+
 def resolve_config(argv=None) -> tuple[argparse.Namespace, TrainConfig, object, SceneConfig, str]:
-    """defaults < preset < --config file < flags -> (cli, train config, model config, scene config, preset)."""
+    """-> (parsed flags, train config, model config, scene config, preset name); errors end the program in one line."""
     parser = build_parser()
     cli, unknown = parser.parse_known_args(argv)
     if unknown:
@@ -234,30 +209,27 @@ def resolve_config(argv=None) -> tuple[argparse.Namespace, TrainConfig, object, 
         except (OSError, json.JSONDecodeError) as error:
             raise SystemExit(f"{'--config' if cli.config else '--resume'} {config_path}: cannot read a JSON run "
                              f"configuration ({error})")
-        unknown_sections = set(file_values) - set(SECTIONS) - {"preset"}
-        if unknown_sections:
-            raise SystemExit(f"{config_path}: unknown sections {sorted(unknown_sections)}; valid: preset, "
-                             f"{', '.join(SECTIONS)}")
-
+        if set(file_values) - set(SECTIONS) - {"preset"}:
+            raise SystemExit(f"{config_path}: unknown sections {sorted(set(file_values) - set(SECTIONS) - {'preset'})}"
+                             f"; valid: preset, {', '.join(SECTIONS)}")
     # The task decides which preset recipe and which model section apply.
-    preset_name = cli.preset or file_values.get("preset")
+    preset = cli.preset or file_values.get("preset")
+    if preset is not None and preset not in PRESETS:
+        raise SystemExit(f"unknown preset {preset!r}; valid presets: {', '.join(PRESETS)}")
     task = flags["train"].get("task") or file_values.get("train", {}).get("task")
-    if preset_name is not None and preset_name not in PRESETS:
-        raise SystemExit(f"unknown preset {preset_name!r}; valid presets: {', '.join(PRESETS)}")
     task_origin = "flags" if flags["train"].get("task") else config_path
     if task is None:
-        task = next(iter(PRESETS[preset_name])) if preset_name and len(PRESETS[preset_name]) == 1 else "separation"
-        task_origin = f"preset {preset_name}" if preset_name else "default"
+        task = next(iter(PRESETS[preset])) if preset and len(PRESETS[preset]) == 1 else "separation"
+        task_origin = f"preset {preset}" if preset else "default"
     if task not in TASKS:
         raise SystemExit(f"unknown --task {task!r}; valid tasks: {', '.join(TASKS)}")
-    preset_name = preset_name or OFFICIAL_PRESET[task]
-    if task not in PRESETS[preset_name]:
+    preset = preset or OFFICIAL_PRESET[task]
+    if task not in PRESETS[preset]:
         valid = [name for name, recipes in PRESETS.items() if task in recipes]
-        raise SystemExit(f"preset {preset_name!r} has no {task} recipe; {task} presets: {', '.join(valid)}")
+        raise SystemExit(f"preset {preset!r} has no {task} recipe; {task} presets: {', '.join(valid)}")
     model_section = MODEL_SECTION[task]
-    for section in SECTIONS:
-        if section in MODEL_SECTION.values() and section != model_section and (flags[section]
-                                                                                 or file_values.get(section)):
+    for section in set(MODEL_SECTION.values()) - {model_section}:
+        if flags[section] or file_values.get(section):
             raise SystemExit(f"--{section}.* settings do not apply to --task {task}")
     if cli.resume:  # the weights in last.pt fit the run's own model configuration: flags may only repeat it
         saved = dataclasses.asdict(SECTIONS[model_section]()) | file_values.get(model_section, {})
@@ -270,15 +242,16 @@ def resolve_config(argv=None) -> tuple[argparse.Namespace, TrainConfig, object, 
 
     values = {section: dataclasses.asdict(cls()) for section, cls in SECTIONS.items()}
     origins = {section: dict.fromkeys(values[section], "default") for section in SECTIONS}
-    for origin, layer in ((f"preset {preset_name}", PRESETS[preset_name][task]), (config_path, file_values),
-                          ("flags", flags)):
+    for origin, layer in ((f"preset {preset}", PRESETS[preset][task]), (config_path, file_values), ("flags", flags)):
         for section, overrides in layer.items():
-            if section in SECTIONS:
-                merge_section(values[section], overrides, section, origin, origins[section])
+            for key, value in (overrides.items() if section in SECTIONS else ()):
+                if key not in values[section]:
+                    raise SystemExit(f"{origin}: unknown key {section}.{key}; valid keys: {', '.join(values[section])}")
+                values[section][key] = tuple(value) if isinstance(values[section][key], tuple) else value
+                origins[section][key] = origin
     values["train"]["task"], origins["train"]["task"] = task, task_origin
     if not values["train"]["out_dir"]:
-        values["train"]["out_dir"] = f"runs/{task}_{preset_name}"
-        origins["train"]["out_dir"] = "runs/<task>_<preset>"
+        values["train"]["out_dir"], origins["train"]["out_dir"] = f"runs/{task}_{preset}", "runs/<task>_<preset>"
     try:
         train = TrainConfig(**values["train"])
         model = SECTIONS[model_section](**values[model_section])
@@ -288,7 +261,7 @@ def resolve_config(argv=None) -> tuple[argparse.Namespace, TrainConfig, object, 
     if cli.print_config:
         if train.init_optimizer and origins["train"]["lr"] != "flags":
             origins["train"]["lr"] += ", replaced by the lr saved in --init_from (--init_optimizer)"
-        print(f"task {task}, preset {preset_name}: the values of this run (defaults < preset < --config < flags)")
+        print(f"task {task}, preset {preset}: the values of this run (defaults < preset < --config < flags)")
         for section in ("train", model_section, "scene"):
             for key, value in values[section].items():
                 name = key if section == "train" else f"{section}.{key}"
@@ -296,7 +269,7 @@ def resolve_config(argv=None) -> tuple[argparse.Namespace, TrainConfig, object, 
     check_train_config(train, model)
     if cli.print_config:
         raise SystemExit(0)
-    return cli, train, model, scene, preset_name
+    return cli, train, model, scene, preset
 
 
 def check_train_config(config: TrainConfig, model_config) -> None:
@@ -305,15 +278,14 @@ def check_train_config(config: TrainConfig, model_config) -> None:
     for name, valid in choices.items():
         if getattr(config, name) not in valid:
             raise SystemExit(f"--{name} {getattr(config, name)!r}: expected one of {', '.join(valid)}")
-    for name in ("max_steps", "batch_size", "global_batch", "log_interval", "eval_batch_size",
-                 "checkpoint_interval"):
+    for name in ("max_steps", "batch_size", "global_batch", "log_interval", "eval_batch_size", "checkpoint_interval"):
         if getattr(config, name) < 1:
             raise SystemExit(f"--{name} must be at least 1, got {getattr(config, name)}")
     if config.num_workers < -1:
         raise SystemExit(f"--num_workers must be -1 (automatic) or at least 0, got {config.num_workers}")
     if config.rir_cache_megabytes < 0:
         raise SystemExit(f"--rir_cache_megabytes must be at least 0, got {config.rir_cache_megabytes}")
-    if config.task == "separation" and resolve_loss(config, model_config) == "snr" and model_config.num_slots != 1:
+    if loss_name(config, model_config) == "snr" and model_config.num_slots != 1:
         raise SystemExit("--loss snr trains a single-query separator: set --separator.num_slots 1")
     if config.init_optimizer and not config.init_from:
         raise SystemExit("--init_optimizer (on in the *_2blks presets) continues the optimizer of an earlier stage: "
@@ -323,48 +295,130 @@ def check_train_config(config: TrainConfig, model_config) -> None:
         raise SystemExit("--init_non_strict applies to --init_from, which is not set")
 
 
-def resolve_loss(config: TrainConfig, model_config) -> str:
+def loss_name(config: TrainConfig, model_config) -> str:
     if config.loss != "auto":
         return config.loss
     if config.task == "tagging":
-        return "binary_cross_entropy" if model_config.head == "linear" else "pit_cross_entropy"
+        return "binary_cross_entropy" if model_config.multilabel else "pit_cross_entropy"
     return "snr" if model_config.num_slots == 1 else "class_aware_pit_snr"
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Helpers: model and optimizer, learning rate, loss, validation, log values
-# ----------------------------------------------------------------------------------------------------------
-def freeze_unused_parameters(model: torch.nn.Module, task: str) -> list[str]:
-    """Freeze the trainable parameters that a forward/backward pass never reaches and return their names.
+# Set-up: processes, batch split, model and optimizer, checkpoints
 
-    The official separator owns decoder `beta2` FiLM layers and decoder `bn2` layers that its forward never uses
-    (official resunet_mod.py); Lightning ran DDP with find_unused_parameters=True for them, costing an extra graph
-    traversal every step. They can never receive a gradient, so AdamW never changes them: freezing them is
-    numerically the same, keeps their keys in the checkpoint, and lets plain DDP run. A one-second probe
-    (eval mode, so no BatchNorm statistics change) finds them without hard-coding names.
-    """
+
+def setup_distributed(device_name: str) -> tuple[int, int, int, torch.device]:
+    """(rank, local_rank, world_size, device) from torchrun's environment; a plain run is rank 0 of 1."""
+    rank, local_rank, world_size = (int(os.environ.get(name, 0 if name != "WORLD_SIZE" else 1))
+                                    for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE"))
+    try:
+        device = resolve_device(device_name)
+    except ValueError as error:
+        raise SystemExit(str(error))
+    if device.type == "cuda":
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    if world_size > 1:  # device_id binds NCCL to this rank's GPU at once instead of at the first collective
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo", rank=rank, world_size=world_size,
+                                device_id=device if device.type == "cuda" else None)
+    return rank, local_rank, world_size, device
+
+
+def split_batch(global_batch: int, world_size: int, batch_size: int, exact: bool) -> tuple[int, int]:
+    """(per-device batch, accumulation) with per-device batch x world size x accumulation = global batch: the largest
+    divisor of global_batch / world_size up to batch_size, or exactly batch_size; errors name values that work."""
+    per_device, remainder = divmod(global_batch, world_size)
+    if remainder or not per_device:
+        lower = global_batch // world_size * world_size
+        options = " or ".join(str(value) for value in (lower, lower + world_size) if value > 0)
+        raise SystemExit(f"--global_batch {global_batch} cannot be split over world size {world_size}: use "
+                         f"--global_batch {options} (a multiple of the world size)")
+    divisors = [value for value in range(1, per_device + 1) if per_device % value == 0]
+    if not exact:
+        batch_size = max(value for value in divisors if value <= batch_size)
+    elif batch_size not in divisors:
+        options = " or ".join(str(value) for value in ([max(d for d in divisors if d < batch_size)] +
+                                                         [d for d in divisors if d > batch_size][:1]))
+        raise SystemExit(f"--batch_size {batch_size} does not divide the {per_device} mixtures per device "
+                         f"(--global_batch {global_batch} / world size {world_size}): use --batch_size {options}, "
+                         "or another --global_batch")
+    return batch_size, per_device // batch_size
+
+
+def cpu_has_native_bf16() -> bool | None:
+    """Whether torch computes bf16 on this CPU in hardware (AVX512-BF16 or AMX, with torch's AVX512 kernels in use);
+    elsewhere bf16 is emulated and several times slower than fp32. None on other architectures (not detected)."""
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return None
+    hardware = any(getattr(torch.cpu, check, lambda: False)()
+                   for check in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
+    return hardware and torch.backends.cpu.get_cpu_capability().startswith("AVX512")
+
+
+def freeze_unused_parameters(model: torch.nn.Module, task: str) -> list[str]:
+    """Freeze the trainable parameters a forward/backward pass never reaches, and return their names.
+
+    The official separator owns decoder `beta2` FiLM layers and decoder `bn2` layers that its forward never uses;
+    Lightning paid find_unused_parameters on every step for them. They never get a gradient, so AdamW never changes
+    them: freezing is numerically the same and lets plain DDP run. A probe pass in eval mode finds them."""
     was_training = model.training
     model.eval()
     mixture = torch.randn(1, 4, SAMPLE_RATE)  # (B, C, L)
-    if task == "tagging":
-        output = model(mixture)
-    else:
-        output = model(mixture, torch.eye(len(LABELS))[None, :3])  # (B, 3, 18) three non-silent queries
+    output = model(mixture) if task == "tagging" else model(mixture, torch.eye(len(LABELS))[None, :3])
     output.float().square().sum().backward()
-    unused = [name for name, parameter in model.named_parameters()
-              if parameter.requires_grad and parameter.grad is None]
+    unused = [name for name, parameter in model.named_parameters() if parameter.requires_grad and parameter.grad is None]
     for name, parameter in model.named_parameters():
         parameter.grad = None
-        if name in unused:
-            parameter.requires_grad_(False)
+        parameter.requires_grad_(parameter.requires_grad and name not in unused)
     model.train(was_training)
     return unused
 
 
+def config_differences(saved, current, section: str) -> str:
+    """'' when a checkpoint's model configuration gives weights of this run's layout, else one line naming every
+    field that differs (fine-tuning set and M2D weight file do not change the layout)."""
+    saved, current = (json.loads(json.dumps(dataclasses.asdict(config))) for config in (saved, current))
+    keys = [key for key in current if key not in ("finetuning", "m2d_weights") and saved.get(key) != current[key]]
+    if not keys:
+        return ""
+    return (f"checkpoint has {' and '.join(f'{section}.{key} {saved.get(key)}' for key in keys)}, this run "
+            f"{' and '.join(str(current.get(key)) for key in keys)}")
+
+
+def map_optimizer_state(saved: dict, saved_names: list[str], model: torch.nn.Module, path: str) -> dict:
+    """An optimizer state saved for the parameters `saved_names` (in that optimizer's order) -> the state for this
+    model's parameters (one group, as ours and the official), matched by name; unstepped parameters get none."""
+    groups = saved.get("param_groups", [])
+    if len(groups) != 1 or len(groups[0]["params"]) != len(saved_names):
+        raise SystemExit(f"--init_optimizer: the optimizer in {path} has {len(groups)} parameter groups over "
+                         f"{sum(len(group['params']) for group in groups)} parameters; expected one group over the "
+                         f"{len(saved_names)} parameters of its model")
+    own = dict(model.named_parameters())
+    position = {name: index for index, name in enumerate(own)}
+    state = {}
+    for saved_id, name in zip(groups[0]["params"], saved_names):
+        entry = saved["state"].get(saved_id)
+        if entry is None or name not in own:
+            continue
+        shapes = {tuple(value.shape) for value in entry.values() if torch.is_tensor(value) and value.dim()}
+        if shapes - {tuple(own[name].shape)}:
+            raise SystemExit(f"--init_optimizer: the optimizer state of {name} in {path} has shape {sorted(shapes)}, "
+                             f"the parameter here {list(own[name].shape)}")
+        state[position[name]] = entry
+    return {"state": state, "param_groups": [dict(groups[0], params=list(range(len(own))))]}
+
+
+def load_optimizer_state(optimizer: torch.optim.Optimizer, saved: dict) -> None:
+    """The per-parameter state (moments, step counts) of a saved optimizer; the group settings (lr, betas, fused)
+    stay this optimizer's, where torch's load_state_dict would take the saved ones."""
+    groups = [dict(group, params=saved_group["params"])
+              for group, saved_group in zip(optimizer.state_dict()["param_groups"], saved["param_groups"])]
+    optimizer.load_state_dict({"state": saved["state"], "param_groups": groups})
+
+
 def setup_model(cli, config: TrainConfig, model_config, device: torch.device, world_size: int, say) -> tuple:
     """Build the model, load last.pt (--resume) or --init_from, freeze what never gets a gradient, move it to the
-    device and build fused AdamW and the GradScaler with their saved state.
-
+    device, and build fused AdamW and the GradScaler with their saved state.
     -> (config with the lr in force, model, optimizer, scaler, step, best validation loss, frozen names)."""
     kind = MODEL_SECTION[config.task]
     try:
@@ -372,30 +426,31 @@ def setup_model(cli, config: TrainConfig, model_config, device: torch.device, wo
     except (OSError, ValueError) as error:
         raise SystemExit(f"cannot build the {kind}: {error}\n(the official taggers start from the M2D weight file, "
                          "see the README; --tagger.m2d_weights '' starts from random weights)")
+    path = str(Path(config.out_dir) / "last.pt") if cli.resume else config.init_from
+    flag = "--resume" if cli.resume else "--init_from"
     checkpoint, optimizer_state = None, None
-    if cli.resume:
-        last_path = Path(config.out_dir) / "last.pt"
+    if path:
         try:
-            checkpoint = torch.load(last_path, map_location="cpu", weights_only=False)
-        except (pickle.UnpicklingError, RuntimeError, EOFError, OSError) as error:
-            raise SystemExit(f"--resume {last_path}: cannot read it ({type(error).__name__}: {error})")
-        difference = config_differences(checkpoint["model_config"], model_config, kind)
-        if difference:
-            raise SystemExit(f"--resume {last_path}: {difference}")
-        load_weights(model, checkpoint["model"], f"--resume {last_path}", False, say)
-        optimizer_state = checkpoint["optimizer"]
-    elif config.init_from:
-        saved_config, weights, saved_optimizer, saved_names = read_initial_checkpoint(config.init_from, kind, model)
-        difference = config_differences(saved_config, model_config, kind) if saved_config is not None else ""
-        if difference:
-            raise SystemExit(f"--init_from {config.init_from}: {difference}")
-        load_weights(model, weights, f"--init_from {config.init_from}", config.init_non_strict, say)
-        if config.init_optimizer:
-            if saved_optimizer is None or saved_names is None:
+            checkpoint = read_checkpoint(path, kind)
+            difference = config_differences(checkpoint.config, model_config, kind) if checkpoint.saved else ""
+            if difference:
+                raise ValueError(f"{path}: {difference}")
+            skipped = load_weights(model, checkpoint.weights, path, strict=cli.resume or not config.init_non_strict)
+        except ValueError as error:
+            hint = "; --init_non_strict loads the matching tensors only" if flag == "--init_from" and \
+                "do not fit" in str(error) else ""
+            raise SystemExit(f"{flag} {error}{hint}")
+        if skipped:
+            say(f"--init_non_strict: loaded the tensors of {path} that fit; left out: {skipped}")
+        if cli.resume:
+            optimizer_state = checkpoint.optimizer
+        elif config.init_optimizer:
+            if checkpoint.optimizer is None or checkpoint.parameter_names is None:
                 raise SystemExit(f"--init_optimizer: {config.init_from} holds no optimizer state (best.pt keeps the "
                                  "weights only): use the run's last.pt, or --no-init_optimizer")
-            optimizer_state = map_optimizer_state(saved_optimizer, saved_names, model, config.init_from)
-            saved_lr = saved_optimizer["param_groups"][0]["lr"]
+            optimizer_state = map_optimizer_state(checkpoint.optimizer, checkpoint.parameter_names, model,
+                                                  config.init_from)
+            saved_lr = checkpoint.optimizer["param_groups"][0]["lr"]
             given = "train.lr" in vars(cli)  # an --lr on the command line wins over the saved one
             config = config if given else dataclasses.replace(config, lr=saved_lr)
             say(f"--init_optimizer: AdamW state of {len(optimizer_state['state'])} parameter tensors and lr "
@@ -411,11 +466,238 @@ def setup_model(cli, config: TrainConfig, model_config, device: torch.device, wo
     if optimizer_state is not None:
         load_optimizer_state(optimizer, optimizer_state)
     step, best_loss = 0, math.inf
-    if checkpoint is not None:
-        scaler.load_state_dict(checkpoint["scaler"])
-        step, best_loss = checkpoint["step"], checkpoint["best_metric"]
-        set_rng_states(checkpoint["rng"])  # after the probe pass of freeze_unused_parameters, which draws numbers
+    if cli.resume:
+        scaler.load_state_dict(checkpoint.saved["scaler"])
+        step, best_loss = checkpoint.saved["step"], checkpoint.saved["best_metric"]
+        rng = checkpoint.saved["rng"]  # set after the probe pass of freeze_unused_parameters, which draws numbers
+        random.setstate(rng["python"])
+        np.random.set_state(rng["numpy"])
+        torch.set_rng_state(rng["torch"])
+        if rng["cuda"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(rng["cuda"])
     return config, model, optimizer, scaler, step, best_loss, unused
+
+
+def code_version() -> str:
+    """Short git hash of the code, '<hash>-dirty' when tracked files have uncommitted changes, or 'unknown'."""
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], capture_output=True, text=True, timeout=5,
+                              cwd=Path(__file__).resolve().parent).stdout.strip()
+    try:
+        commit = git("rev-parse", "--short", "HEAD")
+        dirty = commit and git("status", "--porcelain", "--untracked-files=no")
+        return (commit + "-dirty" * bool(dirty)) if commit else "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def check_config_json(out_dir: Path, record: dict) -> None:
+    """A fresh run never writes into another run's folder: an existing config.json must equal this run's."""
+    if not (out_dir / "config.json").is_file():
+        return
+    try:
+        old = json.loads((out_dir / "config.json").read_text())
+    except (OSError, ValueError):
+        old = {"config.json": "unreadable"}
+    new = json.loads(json.dumps(record))  # tuples -> lists, as read back from JSON
+    flat = [{f"{section}.{key}": value for section, values in layer.items()
+             for key, value in (values.items() if isinstance(values, dict) else [("", values)])} for layer in (old, new)]
+    differences = [f"{key.rstrip('.')} {flat[0].get(key)!r} there, {flat[1].get(key)!r} here"
+                   for key in dict.fromkeys([*flat[1], *flat[0]]) if flat[0].get(key) != flat[1].get(key)]
+    if differences:
+        raise SystemExit(f"{out_dir} already holds the config.json of another run ({'; '.join(differences[:3])}"
+                         f"{'; ...' if len(differences) > 3 else ''}); choose another --out_dir or delete it")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Data: the dev-set check, the step-numbered scene stream, loaders, the validation set rendered once
+
+
+def check_data_root(root: Path, scene: SceneConfig) -> None:
+    """Fail early, naming the commands that fix it, when the dev set lacks what training reads."""
+    needed = ["sound_event/train", "noise/train", "room_ir/train", "metadata/valid.json"]
+    needed += ["interference/train"] if max(scene.interference_range) > 0 else []
+    problems = [f"{root / name} is missing" + (" (the official layout splits each source folder into train/ and "
+                                               "valid/)" if (root / name.split("/")[0]).is_dir() else "")
+                for name in needed if not (root / name).exists()]
+    if not problems:
+        if not any((root / "room_ir" / "train").rglob("*.sofa")):
+            problems.append(f"{root / 'room_ir/train'} holds no .sofa room files")
+        missing = [label for label in LABELS if not (root / "sound_event" / "train" / label).is_dir()]
+        if missing:
+            problems.append(f"{root / 'sound_event/train'} lacks the class folders {', '.join(missing)}")
+        if max(scene.interference_range) > 0 and not any(p.is_dir() for p in (root / "interference/train").iterdir()):
+            problems.append(f"{root / 'interference/train'} holds no class folders (scene.interference_range "
+                            f"{scene.interference_range}; `python data_prep.py add-data` adds them)")
+        try:
+            entries = json.loads((root / "metadata" / "valid.json").read_text())
+            assert isinstance(entries, list) and entries
+        except (OSError, ValueError, AssertionError):
+            problems.append(f"{root / 'metadata/valid.json'} is not a non-empty JSON list of metadata entries")
+    if problems:
+        raise SystemExit(f"data root {root} is not a usable dev_set: {'; '.join(problems)}.\n{DATA_HINT}")
+
+
+def dataset_options(task: str, model_config) -> dict:
+    """What each task's data looks like (the official DatasetS3 settings): tagger targets [3, 19] (2025: multi-hot
+    [18]), separator queries [3, 18] with all-zero silence rows and dry targets; the 1-channel taggers read only
+    the channels up to their reference one."""
+    if task == "separation":
+        return dict(label_vector_mode="stack", silence_label_mode="zeros", return_sources=True)
+    return dict(label_vector_mode="multihot" if model_config.multilabel else "stack",
+                silence_label_mode="zeros" if model_config.multilabel else "onehot", return_sources=False,
+                num_channels=model_config.ref_channel + 1 if model_config.num_channels == 1 else None)
+
+
+def default_num_workers() -> int:
+    """DataLoader workers per rank: this process's CPU cores shared by the ranks of the machine, minus one for the
+    training process itself, at least one (2 cores, 1 rank: 1; 16 cores, 4 ranks: 3)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, cores // int(os.environ.get("LOCAL_WORLD_SIZE", 1)) - 1)
+
+
+class StepBatches(torch.utils.data.Sampler):
+    """Scene numbers of every micro-batch this rank trains on from `start` to `max_steps`: a function of (step,
+    micro-step, rank, item) only, so a resumed run sees exactly the scenes the uninterrupted run would have seen."""
+
+    def __init__(self, start, max_steps, accumulation, rank, world_size, batch_size):
+        self.start, self.max_steps, self.accumulation = start, max_steps, accumulation
+        self.rank, self.world_size, self.batch_size = rank, world_size, batch_size
+
+    def first_index(self, step: int, micro_step: int) -> int:
+        return ((step * self.accumulation + micro_step) * self.world_size + self.rank) * self.batch_size
+
+    def __iter__(self):
+        for step in range(self.start, self.max_steps):
+            for micro_step in range(self.accumulation):
+                first = self.first_index(step, micro_step)
+                yield list(range(first, first + self.batch_size))
+
+    def __len__(self) -> int:
+        return (self.max_steps - self.start) * self.accumulation
+
+
+def ignore_stop_signals(worker_id: int) -> None:
+    """Loader workers ignore Ctrl-C and SIGTERM: the main process shuts them down after saving."""
+    for signum in STOP_SIGNALS[:2]:
+        signal.signal(signum, signal.SIG_IGN)
+
+
+def make_loader(dataset, workers: int, config, device, persistent: bool, **options):
+    """Worker processes prepare batches ahead, so that a step does not wait for data."""
+    parallel = dict(num_workers=workers, prefetch_factor=config.prefetch_factor, persistent_workers=persistent,
+                    worker_init_fn=ignore_stop_signals) if workers > 0 else {}
+    return torch.utils.data.DataLoader(dataset, collate_fn=collate, pin_memory=device.type == "cuda", **parallel,
+                                       **options)
+
+
+class ValidationSet:
+    """This rank's validation mixtures, rendered once (at the first validation) and kept: in memory up to
+    VALID_MEMORY_BYTES, else in memory-mapped files in the run folder, unlinked at creation so that they vanish with
+    the process. Iterating yields batches on the device."""
+
+    def __init__(self, loader, renderer: Renderer, count: int, batch_size: int, folder: Path):
+        self.loader, self.renderer, self.count, self.batch_size, self.folder = loader, renderer, count, batch_size, folder
+        self.stored = None  # key -> tensor [count, ...] or list [count]
+
+    def _render(self) -> dict:
+        stored, start = {}, 0
+        for batch in self.loader:
+            batch = {key: value for key, value in self.renderer(batch).items() if key != "metadata"}
+            if not stored:
+                in_memory = self.count * sum(value[0].nbytes for value in batch.values()
+                                             if torch.is_tensor(value)) <= VALID_MEMORY_BYTES
+                for key, value in batch.items():
+                    shape = (self.count, *value.shape[1:]) if torch.is_tensor(value) else None
+                    if shape is None:
+                        stored[key] = []
+                    elif in_memory:
+                        stored[key] = torch.empty(shape, dtype=value.dtype)
+                    else:
+                        self.folder.mkdir(parents=True, exist_ok=True)
+                        dtype = torch.empty(0, dtype=value.dtype).numpy().dtype
+                        file = tempfile.TemporaryFile(dir=self.folder)
+                        stored[key] = torch.from_numpy(np.memmap(file, dtype, "w+", shape=shape))
+            for key, value in batch.items():
+                if torch.is_tensor(value):
+                    stored[key][start:start + len(value)].copy_(value)
+                else:
+                    stored[key] += value
+            start += len(batch["label"])
+        return stored
+
+    def __iter__(self):
+        if self.stored is None:
+            self.stored = self._render()
+        for start in range(0, self.count, self.batch_size):
+            yield self.renderer({key: value[start:start + self.batch_size] for key, value in self.stored.items()})
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Loss, validation, learning rate
+
+
+def compute_loss(model, batch: dict, loss: str, generator: torch.Generator | None = None) -> tuple:
+    """(loss, model output) of one batch; the loss is a float64 scalar. For the 2025 single-query ResUNet ('snr'),
+    training picks one non-silent slot per mixture from `generator` (the official one-label training);
+    validation (generator None) scores every non-silent slot."""
+    if loss not in sum(LOSSES.values(), ()):
+        raise ValueError(f"unknown loss {loss!r}; expected one of {', '.join(sum(LOSSES.values(), ()))}")
+    mixture = batch["mixture"]  # (B, 4, L)
+    if loss == "pit_cross_entropy":
+        logits = model(mixture).float()  # (B, 3, 19)
+        return pit_cross_entropy(logits, batch["label_vector"])[0], logits
+    if loss == "binary_cross_entropy":
+        logits = model(mixture).float()  # (B, 18)
+        return binary_cross_entropy(logits.sigmoid(), batch["label_vector"]), logits
+    queries, targets = batch["label_vector"], batch["dry_sources"][:, :, 0]  # (B, 3, 18), (B, 3, L)
+    active = (queries != 0).any(-1)  # (B, 3)
+    if loss == "snr" and generator is not None:
+        slot = torch.multinomial(active.float().cpu(), 1, generator=generator).to(mixture.device)  # (B, 1)
+        query = queries.gather(1, slot[:, :, None].expand(-1, -1, queries.shape[-1]))  # (B, 1, 18)
+        target = targets.gather(1, slot[:, :, None].expand(-1, -1, targets.shape[-1]))  # (B, 1, L)
+        preds = model(mixture, query).float()  # (B, 1, L)
+        return -snr64(preds[:, 0], target[:, 0]).mean(), preds
+    preds = model(mixture, queries).float()  # (B, 3, L)
+    if loss == "class_aware_pit_snr":
+        return class_aware_pit_snr_loss(preds, targets, queries)[0], preds
+    if loss == "snr_masked":
+        return masked_snr_loss(preds, targets, active), preds
+    return -snr64(preds, targets)[active].mean(), preds  # 'snr' validation: every real source
+
+
+@torch.no_grad()
+def validate(model, loader, config: TrainConfig, loss: str, autocast, world_size: int, stop) -> dict:
+    """Validation loss over this rank's share of valid.json, plus CAPI-SDRi with oracle labels (separation) or the
+    label accuracies (tagging, by the tagger's predict rule), gathered over ranks. A stop request ends it after
+    the current batch: the result then covers fewer mixtures."""
+    model.eval()
+    records, scores = [], []  # (loss, mixtures) per batch; per-mixture scores
+    for batch in loader:  # already on the device
+        with autocast:
+            value, estimated = compute_loss(model, batch, loss)  # separation: estimated [B, 3, L]
+        if config.task == "tagging":
+            estimated = model.labels_from_logits(estimated)[0]  # labels, 3 per mixture
+        records.append((value.item(), len(batch["label"])))
+        for b, labels in enumerate(batch["label"]):
+            scores.append(label_counts(estimated[b], labels) if config.task == "tagging" else
+                          capi_sdri(labels, estimated[b].cpu(), labels, batch["dry_sources"][b, :, 0].cpu(),
+                                    batch["mixture"][b, 0].cpu()))
+        if stop.requested:
+            break
+    model.train()
+    if world_size > 1:
+        gathered = [None] * world_size
+        dist.all_gather_object(gathered, (records, scores))
+        records, scores = [r for part in gathered for r in part[0]], [s for part in gathered for s in part[1]]
+    result = {"loss": sum(value * count for value, count in records) / sum(count for _, count in records),
+              "mixtures": sum(count for _, count in records)}
+    if config.task == "tagging":
+        result["accuracy_mix"], result["accuracy_src"] = label_accuracies(scores)
+    else:
+        counted = [score for score in scores if score is not None]
+        result["capi_sdri"] = sum(counted) / len(counted) if counted else float("nan")
+    return result
 
 
 def learning_rate(step: int, config: TrainConfig) -> float:
@@ -427,135 +709,111 @@ def learning_rate(step: int, config: TrainConfig) -> float:
     return config.min_lr + 0.5 * (config.lr - config.min_lr) * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
-def compute_loss(model, batch: dict, loss_name: str, generator: torch.Generator | None = None) -> tuple:
-    """(loss, model output) of one batch; the loss is a float64 scalar (metrics.py computes it in float64).
-
-    For the 2025 single-query ResUNet ('snr'), training picks one non-silent slot per mixture at random from
-    `generator` (the official 2025 one-label training); validation (generator None) scores every non-silent slot
-    instead.
-    """
-    if loss_name not in sum(LOSSES.values(), ()):
-        raise ValueError(f"unknown loss {loss_name!r}; expected one of {', '.join(sum(LOSSES.values(), ()))}")
-    mixture = batch["mixture"]  # (B, 4, L)
-    if loss_name == "pit_cross_entropy":
-        logits = model(mixture).float()  # (B, 3, 19)
-        return pit_cross_entropy(logits, batch["label_vector"])[0], logits
-    if loss_name == "binary_cross_entropy":
-        logits = model(mixture).float()  # (B, 18)
-        return binary_cross_entropy(logits.sigmoid(), batch["label_vector"]), logits
-    queries, targets = batch["label_vector"], batch["dry_sources"][:, :, 0]  # (B, 3, 18), (B, 3, L)
-    active = (queries != 0).any(-1)  # (B, 3)
-    if loss_name == "snr" and generator is not None:
-        slot = torch.multinomial(active.float().cpu(), 1, generator=generator).to(mixture.device)  # (B, 1)
-        query = queries.gather(1, slot[:, :, None].expand(-1, -1, queries.shape[-1]))  # (B, 1, 18)
-        target = targets.gather(1, slot[:, :, None].expand(-1, -1, targets.shape[-1]))  # (B, 1, L)
-        preds = model(mixture, query).float()  # (B, 1, L)
-        return snr_loss(preds[:, 0], target[:, 0]), preds
-    preds = model(mixture, queries).float()  # (B, 3, L)
-    if loss_name == "class_aware_pit_snr":
-        return class_aware_pit_snr_loss(preds, targets, queries)[0], preds
-    if loss_name == "snr_masked":
-        return masked_snr_loss(preds, targets, active), preds
-    return -snr(preds.double(), targets.double())[active].mean(), preds  # 'snr' validation: every real source
+# ----------------------------------------------------------------------------------------------------------
+# Stop requests and the step status every rank reads together
 
 
-@torch.no_grad()
-def validate(model, loader, config: TrainConfig, loss_name: str, device, autocast, world_size: int,
-             stop=None) -> dict:
-    """Validation loss over this rank's share of valid.json, plus CAPI-SDRi with oracle labels (separation) or
-    the label accuracies (tagging; the labels come from the logits of the loss, by the tagger's predict rule); the
-    per-mixture records of all ranks are gathered before averaging. A stop request (StopRequest) ends it after the
-    current batch: the result then covers fewer mixtures."""
-    model.eval()
-    records = []  # (loss, mixtures) per batch and per-mixture scores
-    scores = []
-    for batch in loader:  # already on the device
-        with autocast:
-            loss, estimated = compute_loss(model, batch, loss_name)  # separation: estimated [B, 3, L]
-        if config.task == "tagging":
-            estimated = model.labels_from_logits(estimated)[0]  # labels, 3 per mixture
-        records.append((loss.item(), len(batch["label"])))
-        for b, labels in enumerate(batch["label"]):
-            if config.task == "tagging":
-                scores.append(label_counts(estimated[b], labels))
-            else:
-                scores.append(capi_sdri(labels, estimated[b].cpu(), labels, batch["dry_sources"][b, :, 0].cpu(),
-                                        batch["mixture"][b, 0].cpu()))
-        if stop is not None and stop.requested:
-            break
-    model.train()
-    if world_size > 1:
-        gathered = [None] * world_size
-        dist.all_gather_object(gathered, (records, scores))
-        records = [record for part in gathered for record in part[0]]
-        scores = [score for part in gathered for score in part[1]]
-    result = {"loss": sum(loss * count for loss, count in records) / sum(count for _, count in records),
-              "mixtures": sum(count for _, count in records)}
-    if config.task == "tagging":
-        result["accuracy_mix"], result["accuracy_src"] = label_accuracies(scores)
-    else:
-        counted = [score for score in scores if score is not None]
-        result["capi_sdri"] = sum(counted) / len(counted) if counted else float("nan")
-    return result
+class StopRequest:
+    """SIGINT, SIGTERM and SIGHUP as a request to stop after the current step. torchrun forwards every signal it
+    gets and schedulers signal every process, so a rank often gets one request twice within milliseconds: a signal
+    within REPEAT_SIGNAL_SECONDS of the first is the same request; a later Ctrl-C aborts at once."""
 
+    def __init__(self, announce: bool):
+        self.announce, self.signal_name, self.first_arrival = announce, None, 0.0
+        self.pid = os.getpid()  # forked DataLoader workers inherit the handler; only this process stops
+        for signum in STOP_SIGNALS:
+            signal.signal(signum, self.handle)
 
-def memory_gb(device: torch.device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**30
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB: peak RSS
-
-
-def format_seconds(seconds: float) -> str:
-    seconds = int(seconds)
-    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
-
-
-def timed(iterable, totals: dict, key: str):
-    """Yield the items of iterable, adding the seconds spent waiting for each one to totals[key]."""
-    iterator = iter(iterable)
-    while True:
-        start = time.perf_counter()
-        try:
-            item = next(iterator)
-        except StopIteration:
+    def handle(self, signum: int, frame) -> None:
+        if os.getpid() != self.pid:
             return
-        totals[key] += time.perf_counter() - start
-        yield item
+        if self.signal_name is None:
+            self.signal_name, self.first_arrival = signal.Signals(signum).name, time.monotonic()
+            if self.announce:  # os.write, not print: the main thread may be inside a print right now
+                os.write(2, f"\n{self.signal_name}: stopping after this step (last.pt is saved first); Ctrl-C again "
+                            "to abort\n".encode())
+        elif signum == signal.SIGINT and time.monotonic() - self.first_arrival > REPEAT_SIGNAL_SECONDS:
+            raise KeyboardInterrupt
+
+    @property
+    def requested(self) -> bool:
+        return self.signal_name is not None
+
+    def agreed(self, device, world_size: int) -> bool:
+        """True on every rank when any rank has a request (a collective: all ranks call it together)."""
+        flag = torch.tensor([float(self.requested)], device=device)
+        if world_size > 1:
+            dist.all_reduce(flag)
+        return flag.item() > 0
+
+
+class StepStatus:
+    """Loss, non-finite values, gradient norm and the stop request of the steps since the last read, summed on the
+    device and read by all ranks together only at agreed steps: log, checkpoint and validation steps, and otherwise
+    about every STATUS_READ_SECONDS (all ranks derive the next read step from the same reduced step time). No other
+    step waits for the device, and a stop is honoured within seconds even when one step takes seconds."""
+
+    def __init__(self, config: TrainConfig, device, world_size: int, step: int, check_gradients: bool):
+        self.config, self.device, self.world_size, self.check_gradients = config, device, world_size, check_gradients
+        self.sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss, non-finite steps, gradient norm
+        self.steps, self.next_read, self.clock = 0, step + 1, time.perf_counter()
+
+    def add(self, loss: torch.Tensor, grad_norm: torch.Tensor) -> None:
+        bad = ~torch.isfinite(loss) | (~torch.isfinite(grad_norm) if self.check_gradients else False)
+        self.sums += torch.stack([loss.double(), bad.double(), grad_norm.double()])
+        self.steps += 1
+
+    def due(self, step: int) -> bool:
+        config = self.config
+        return step >= self.next_read or step == config.max_steps or any(
+            step % interval == 0 for interval in (config.log_interval, config.checkpoint_interval, config.eval_interval))
+
+    def read(self, step: int, stop_requested: bool) -> dict:
+        """All-reduce and read (a collective) -> steps, loss, grad_norm, seconds, non_finite, stop (any rank)."""
+        host = torch.tensor([float(stop_requested), time.perf_counter() - self.clock], dtype=torch.float64)
+        status = torch.cat([self.sums, host.to(self.device)])
+        if self.world_size > 1:
+            dist.all_reduce(status)
+        loss, non_finite, grad_norm, stop, seconds = (value / self.world_size for value in status.tolist())
+        report = {"steps": self.steps, "loss": loss, "grad_norm": grad_norm, "seconds": seconds,
+                  "non_finite": non_finite > 0, "stop": stop > 0}
+        interval = int(STATUS_READ_SECONDS * self.steps / max(seconds, 1e-9))
+        self.next_read = step + max(1, min(self.config.log_interval, interval))
+        self.sums.zero_()
+        self.steps, self.clock = 0, time.perf_counter()
+        return report
 
 
 # ----------------------------------------------------------------------------------------------------------
 # Main
-# ----------------------------------------------------------------------------------------------------------
+
+
 def main(argv=None) -> None:
     cli, config, model_config, scene, preset = resolve_config(argv)
     rank, local_rank, world_size, device = setup_distributed(config.device)
     handlers = {signum: signal.getsignal(signum) for signum in STOP_SIGNALS}
     try:
-        train(cli, config, model_config, scene, preset, rank, local_rank, world_size, device)
+        train(cli, config, model_config, scene, preset, rank, world_size, device)
         if world_size > 1:  # no rank exits, or tears the process group down, before rank 0 has saved
             dist.barrier()
     finally:
         for signum, handler in handlers.items():  # train() installs its own; a caller gets its handlers back
             signal.signal(signum, handler)
         if world_size > 1:
-            # DDP sits in reference cycles: free it (and the gloo work it holds) now, not during interpreter
-            # shutdown, where releasing that work can abort the process.
-            gc.collect()
+            gc.collect()  # DDP sits in reference cycles: free it (and its gloo work) now, not at interpreter exit
             dist.destroy_process_group()
 
 
-def train(cli, config: TrainConfig, model_config, scene: SceneConfig, preset: str, rank: int, local_rank: int,
-          world_size: int, device: torch.device) -> None:
+def train(cli, config: TrainConfig, model_config, scene: SceneConfig, preset: str, rank: int, world_size: int,
+          device: torch.device) -> None:
     master = rank == 0
     say = print if master else (lambda *args, **kwargs: None)
     stop = StopRequest(announce=master)  # from here on a signal is a request to stop, agreed by all ranks
-    stop.install()
-    tagging = config.task == "tagging"
-    kind = MODEL_SECTION[config.task]  # 'tagger' or 'separator': checkpoint kind and config section
+    kind = MODEL_SECTION[config.task]
     batch_size, accumulation = split_batch(config.global_batch, world_size, config.batch_size,
                                            exact="train.batch_size" in vars(cli))
     config = dataclasses.replace(config, batch_size=batch_size)
-    loss_name = resolve_loss(config, model_config)
+    loss = loss_name(config, model_config)
     data_root, out_dir = Path(config.data_root), Path(config.out_dir)
     last_path, best_path, log_path = out_dir / "last.pt", out_dir / "best.pt", out_dir / "log.jsonl"
     check_data_root(data_root, scene)
@@ -565,58 +823,45 @@ def train(cli, config: TrainConfig, model_config, scene: SceneConfig, preset: st
         raise SystemExit(f"{out_dir} already holds a run ({last_path}); pass --resume to continue it or choose "
                          "another --out_dir")
     if preset.endswith("2blks") and not config.init_from and not cli.resume:
-        say(f"warning: preset {preset} is the second tagger stage; without --init_from it starts from the "
-            "M2D weights and a fresh head")
+        say(f"warning: preset {preset} is the second tagger stage; without --init_from it starts from the M2D "
+            "weights and a fresh head")
     if device.type == "cpu" and config.dtype == "bf16" and cpu_has_native_bf16() is False:
         say("warning: --dtype bf16 on a CPU without native bf16 (AVX512-BF16 or AMX) is emulated and several times "
-            "slower than fp32 here; `python model.py --bench --device cpu` compares the two")
-    if device.type == "cpu":  # keep freed activations mapped: page faults cost ~20 % of a CPU step
-        keep_heap_memory(CPU_HEAP_KEEP_MEGABYTES)
+            "slower than fp32 here; `python bench.py --only models` compares the two")
     torch.set_float32_matmul_precision("high" if config.tf32 else "highest")  # 'highest' (no TF32) is torch's default
     torch.backends.cudnn.benchmark = device.type == "cuda"  # fixed shapes: find the fastest convolutions once
     random.seed(config.seed + rank)
     np.random.seed(config.seed + rank)
     torch.manual_seed(config.seed)  # the same initial weights on every rank (DDP also broadcasts them)
-
     config, model, optimizer, scaler, step, best_loss, unused = setup_model(cli, config, model_config, device,
                                                                              world_size, say)
     train_model = torch.compile(model) if config.compile else model
     synced = world_size > 1 and device.type == "cuda"  # SyncBatchNorm: BatchNorm statistics over all ranks
     if world_size > 1:  # under SyncBatchNorm the buffers are equal on all ranks: no broadcast before each forward
-        train_model = DistributedDataParallel(train_model, device_ids=[local_rank] if synced else None,
+        train_model = DistributedDataParallel(train_model, device_ids=[device.index] if synced else None,
                                               gradient_as_bucket_view=True, broadcast_buffers=not synced)
     trainable = [parameter for parameter in model.parameters() if parameter.requires_grad]
     autocast = torch.autocast(device.type, dtype=DTYPES[config.dtype], enabled=config.dtype != "fp32")
 
-    # Data: an endless stream of generated scenes indexed by step, and the fixed metadata validation set. Loader
-    # workers read the scenes; they render them too (--render_on workers), or device_batch renders each batch on
-    # the training device, only the channels and targets the task uses.
+    # Data: an endless stream of generated scenes numbered by step, and the fixed validation set. Loader workers
+    # read the scenes; they render them too (--render_on workers), or `renderer` renders each batch on the device.
     render_on = config.render_on if config.render_on != "auto" else "device" if device.type == "cuda" else "workers"
     workers = config.num_workers if config.num_workers >= 0 else default_num_workers()
-    cache = config.spectrum_cache_dir or None
-    if cache:  # checked here: the workers and the training step would fail on it mid-run
-        try:
-            Path(cache).mkdir(parents=True, exist_ok=True)
-        except OSError as error:
-            raise SystemExit(f"--spectrum_cache_dir {cache}: cannot create the folder ({error.strerror})")
-        if not os.access(cache, os.W_OK | os.X_OK):
-            raise SystemExit(f"--spectrum_cache_dir {cache}: not writable")
-    options = dict(label_modes(config.task, model_config), spectrum_cache_dir=cache, render=render_on == "workers",
-                   num_channels=mixture_channels(config.task, model_config))
+    options = dataset_options(config.task, model_config) | dict(render=render_on == "workers")
     sampler = StepBatches(step, config.max_steps, accumulation, rank, world_size, config.batch_size)
     try:
-        train_set = GeneratedDataset(data_root, scene, length=config.max_steps * config.global_batch,
-                                     seed=config.seed, **options)
+        train_set = GeneratedDataset(data_root, scene, length=config.max_steps * config.global_batch, seed=config.seed,
+                                     **options)
         valid_set = MetadataDataset(data_root / "metadata" / "valid.json", data_root=data_root, **options)
     except (OSError, ValueError, KeyError) as error:
         raise SystemExit(f"data root {data_root}: {error}\n{DATA_HINT}")
     valid_count = min(len(valid_set), config.eval_mixtures or len(valid_set))
     valid_set = torch.utils.data.Subset(valid_set, range(rank, valid_count, world_size))
-    device_batch = BatchRenderer(device, config.rir_cache_megabytes, cache)
+    renderer = Renderer(data_root, device, config.rir_cache_megabytes)
     train_loader = make_loader(train_set, workers, config, device, True, batch_sampler=sampler)
     valid_loader = ValidationSet(make_loader(valid_set, min(workers, 2), config, device, False,
                                              batch_size=config.eval_batch_size),
-                                 device, len(valid_set), config.eval_batch_size, out_dir, cache)
+                                 renderer, len(valid_set), config.eval_batch_size, out_dir)
 
     # Run folder, resolved configuration and start-up summary.
     record = {"preset": preset, "train": dataclasses.asdict(config), kind: dataclasses.asdict(model_config),
@@ -627,28 +872,19 @@ def train(cli, config: TrainConfig, model_config, scene: SceneConfig, preset: st
     if master:
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "config.json").write_text(json.dumps(record, indent=2) + "\n")
-    total = sum(parameter.numel() for parameter in model.parameters())
-    say(f"{config.task} | preset {preset} | loss {loss_name} | {kind} {total / 1e6:.2f} M parameters, "
-        f"{sum(p.numel() for p in trainable) / 1e6:.2f} M trainable | device {device} x {world_size} | "
+    say(f"{config.task} | preset {preset} | loss {loss} | {kind} {sum(p.numel() for p in model.parameters()) / 1e6:.2f}"
+        f" M parameters, {sum(p.numel() for p in trainable) / 1e6:.2f} M trainable | device {device} x {world_size} | "
         f"dtype {config.dtype}{' | TF32 matmuls' if config.tf32 else ''}{' | compiled' if config.compile else ''}")
-    say(f"global batch {config.global_batch} = batch {config.batch_size} x world size {world_size} x "
-        f"accumulation {accumulation} | steps {step} -> {config.max_steps} | {valid_count} validation mixtures | "
-        f"out_dir {out_dir}")
-    if render_on == "device":
-        rooms = train_set.index.rooms
-        needed = spectra_megabytes(rooms, scene.duration, options["num_channels"], options["return_sources"])
-        say(f"data: {workers} loader workers per rank read the scenes, {device} renders them; the RIR spectra of all "
-            f"{sum(room.num_positions for room in rooms)} training positions take {needed:.0f} MB of "
-            f"--rir_cache_megabytes {config.rir_cache_megabytes}" + ("" if needed <= config.rir_cache_megabytes else
-                                                                   " (too small: misses are read from the SOFA "
-                                                                   "files in the training process)"))
-    else:
-        say(f"data: {workers} loader workers per rank read and render the scenes")
+    say(f"global batch {config.global_batch} = batch {config.batch_size} x world size {world_size} x accumulation "
+        f"{accumulation} | steps {step} -> {config.max_steps} | {valid_count} validation mixtures | out_dir {out_dir}")
+    say(f"data: {workers} loader workers per rank read the scenes, " +
+        (f"{device} renders them (RIR spectra cache {config.rir_cache_megabytes} MB)" if render_on == "device"
+         else "and render them"))
     norm_batch = config.batch_size * (world_size if synced else 1)  # mixtures one BatchNorm layer sees at once
     if norm_batch < config.global_batch:
         say(f"warning: BatchNorm normalises over {norm_batch} mixtures ({'all ranks' if synced else 'per device'}), "
-            f"not over the global batch of {config.global_batch} as in the official runs (SyncBatchNorm over 4 "
-            "GPUs, no accumulation); see 'BatchNorm under accumulation' in the README")
+            f"not over the global batch of {config.global_batch} as the official runs (SyncBatchNorm over 4 GPUs, no "
+            "accumulation); a larger --batch_size restores it if it fits in memory")
     if unused:
         say(f"{len(unused)} parameter tensors never get a gradient and are frozen (no find_unused_parameters): "
             f"{', '.join(unused[:4])}{', ...' if len(unused) > 4 else ''}")
@@ -666,17 +902,20 @@ def train(cli, config: TrainConfig, model_config, scene: SceneConfig, preset: st
                  "config": record, "step": step, "best_metric": best_loss, "code_version": version,
                  "torch_version": torch.__version__, "world_size": world_size}
         if full:
-            state |= {"optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "rng": rng_states(),
+            rng = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+                   "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+            state |= {"optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "rng": rng,
                       "parameter_names": [name for name, _ in model.named_parameters()]}  # in the optimizer's order
-        save_checkpoint(path, state)
+        with atomic_path(path) as temporary:
+            torch.save(state, temporary)
 
     log({"event": "start", "task": config.task, "preset": preset, "step": step, "world_size": world_size,
          "batch_size": config.batch_size, "accumulation": accumulation, "device": str(device),
          "code_version": version, "torch_version": torch.__version__, "python_version": sys.version.split()[0]})
     if cli.resume:
-        scene_number = step * config.global_batch  # the first scene of step `step` (StepBatches numbering)
-        say(f"resumed from {last_path} at step {step}; the training scenes continue at scene {scene_number}")
-        log({"event": "resume", "path": str(last_path), "step": step, "scene": scene_number})
+        say(f"resumed from {last_path} at step {step}; the training scenes continue at scene "
+            f"{step * config.global_batch}")
+        log({"event": "resume", "path": str(last_path), "step": step, "scene": step * config.global_batch})
     if step >= config.max_steps:
         say(f"nothing to do: the run is at step {step} and --max_steps is {config.max_steps}")
         return
@@ -685,13 +924,11 @@ def train(cli, config: TrainConfig, model_config, scene: SceneConfig, preset: st
             f"{f'; {last_path} still holds step {step}' if cli.resume else ''}")
         return
 
-    # Training loop. The step status (loss, non-finite values, stop request) stays on the device and is read by
-    # all ranks together only when status.due(step): see StepStatus.
+    # The loop. The step status (loss, non-finite values, stop request) stays on the device until status.due(step).
     train_model.train()
-    waits = {"data": 0.0}  # seconds the loop waited for batches
-    batches = timed(train_loader, waits, "data")
+    batches, waited = iter(train_loader), 0.0  # seconds the loop waited for batches
     status = StepStatus(config, device, world_size, step, check_gradients=not scaler.is_enabled())
-    window = {"steps": 0, "loss": 0.0, "grad_norm": 0.0, "seconds": 0.0}
+    window = dict.fromkeys(("steps", "loss", "grad_norm", "seconds"), 0.0)
     saved_step = step if cli.resume else None
     while step < config.max_steps:
         lr = learning_rate(step, config)
@@ -699,16 +936,18 @@ def train(cli, config: TrainConfig, model_config, scene: SceneConfig, preset: st
             group["lr"] = lr
         loss_sum = torch.zeros((), dtype=torch.float64, device=device)
         for micro_step in range(accumulation):
-            batch = device_batch(next(batches))  # on the device, rendered
+            start = time.perf_counter()
+            batch = next(batches)
+            waited += time.perf_counter() - start
+            batch = renderer(batch)  # on the device, rendered
             generator = None
-            if loss_name == "snr":  # the 2025 single-query draw, a function of the scene number like the data
+            if loss == "snr":  # the 2025 single-query draw, a function of the scene number like the data
                 generator = torch.Generator().manual_seed(config.seed + sampler.first_index(step, micro_step))
-            last_micro_step = micro_step == accumulation - 1
-            with nullcontext() if world_size == 1 or last_micro_step else train_model.no_sync():
+            with nullcontext() if world_size == 1 or micro_step == accumulation - 1 else train_model.no_sync():
                 with autocast:
-                    loss = compute_loss(train_model, batch, loss_name, generator)[0]
-                scaler.scale(loss / accumulation).backward()
-            loss_sum += loss.detach()
+                    value = compute_loss(train_model, batch, loss, generator)[0]
+                scaler.scale(value / accumulation).backward()
+            loss_sum += value.detach()
         scaler.unscale_(optimizer)
         grad_norm = torch.nn.utils.clip_grad_norm_(trainable, config.grad_clip if config.grad_clip > 0 else math.inf)
         scaler.step(optimizer)
@@ -723,49 +962,51 @@ def train(cli, config: TrainConfig, model_config, scene: SceneConfig, preset: st
         if report["non_finite"]:
             kept = f"the last good checkpoint {last_path} (step {saved_step}) is kept" if saved_step is not None \
                 else "no checkpoint was written yet"
-            raise SystemExit(f"steps {step - report['steps'] + 1}-{step}: the training loss or gradient is not "
-                             f"finite; stopping ({kept}). Try a lower --lr, --dtype fp32, or check the data with "
+            raise SystemExit(f"steps {step - report['steps'] + 1}-{step}: the training loss or gradient is not finite; "
+                             f"stopping ({kept}). Try a lower --lr, --dtype fp32, or check the data with "
                              "`python data_prep.py verify`.")
-        for key in ("steps", "loss", "grad_norm", "seconds"):
+        for key in window:
             window[key] += report[key]
         if step % config.log_interval == 0 or step == config.max_steps or report["stop"]:
-            seconds_per_step = window["seconds"] / window["steps"]
+            seconds = window["seconds"] / window["steps"]
             entry = {"event": "train", "step": step, "loss": window["loss"] / window["steps"], "lr": lr,
-                     "grad_norm": window["grad_norm"] / window["steps"], "ms_per_step": 1000 * seconds_per_step,
-                     "mixtures_per_s": config.global_batch / seconds_per_step,
-                     "data_wait": min(1.0, waits["data"] / window["seconds"]), "memory_gb": memory_gb(device),
-                     "eta_s": (config.max_steps - step) * seconds_per_step}
+                     "grad_norm": window["grad_norm"] / window["steps"], "ms_per_step": 1000 * seconds,
+                     "mixtures_per_s": config.global_batch / seconds, "data_wait": min(1.0, waited / window["seconds"]),
+                     "memory_gb": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda"
+                     else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,  # Linux: peak RSS in KiB
+                     "eta_s": (config.max_steps - step) * seconds}
+            eta = int(entry["eta_s"])
             say(f"step {step}/{config.max_steps} | loss {entry['loss']:.4f} | lr {lr:.2e} | grad norm "
-                f"{entry['grad_norm']:.3f} | {entry['ms_per_step']:.0f} ms/step | {entry['mixtures_per_s']:.3g} "
-                f"mix/s | data wait {100 * entry['data_wait']:.1f}% | mem {entry['memory_gb']:.2f} GB | "
-                f"eta {format_seconds(entry['eta_s'])}", flush=True)
+                f"{entry['grad_norm']:.3f} | {entry['ms_per_step']:.0f} ms/step | {entry['mixtures_per_s']:.3g} mix/s | "
+                f"data wait {100 * entry['data_wait']:.1f}% | mem {entry['memory_gb']:.2f} GB | eta "
+                f"{f'{eta // 3600}h{eta % 3600 // 60:02d}m' if eta >= 3600 else f'{eta // 60}m{eta % 60:02d}s'}",
+                flush=True)
             log(entry)
-            window, waits["data"] = dict.fromkeys(window, 0.0), 0.0
+            window, waited = dict.fromkeys(window, 0.0), 0.0
 
         stopped = report["stop"]
         if not stopped and (step % config.eval_interval == 0 or step == config.max_steps):
-            result = validate(model, valid_loader, config, loss_name, device, autocast, world_size, stop)
+            result = validate(model, valid_loader, config, loss, autocast, world_size, stop)
             stopped = stop.agreed(device, world_size)  # a stop during validation ends it early on that rank
             if result["mixtures"] == valid_count:
                 improved = result["loss"] < best_loss
                 best_loss = min(best_loss, result["loss"])
                 if improved:
                     save(best_path, full=False)
-                metric = (f"CAPI-SDRi {result['capi_sdri']:.2f} dB" if not tagging else
+                metric = (f"CAPI-SDRi {result['capi_sdri']:.2f} dB" if config.task == "separation" else
                           f"accuracy mixture {result['accuracy_mix']:.1f}% source {result['accuracy_src']:.1f}%")
-                say(f"validation step {step} | loss {result['loss']:.4f} | {metric} | {result['mixtures']} "
-                    f"mixtures{' | new best' if improved else ''}", flush=True)
+                say(f"validation step {step} | loss {result['loss']:.4f} | {metric} | {result['mixtures']} mixtures"
+                    f"{' | new best' if improved else ''}", flush=True)
                 log({"event": "valid", "step": step, **result, "best_loss": best_loss})
-            save(last_path, full=True)
-            saved_step = step
-        elif stopped or step % config.checkpoint_interval == 0:
+        if stopped or step % config.checkpoint_interval == 0 or step % config.eval_interval == 0 \
+                or step == config.max_steps:
             save(last_path, full=True)
             saved_step = step
         if stopped:
             say(f"stopped by {stop.signal_name or 'a signal on another rank'} at step {step}; wrote {last_path}. "
                 f"Continue with: python train.py --out_dir {out_dir} --resume", flush=True)
             return
-        status.restart_clock()
+        status.clock = time.perf_counter()  # validation and checkpoint writing are not step time
     say(f"done: {step} steps, best validation loss {best_loss:.4f}; checkpoints in {out_dir}")
 
 

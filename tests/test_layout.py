@@ -13,9 +13,8 @@ import torch
 import data_prep
 import devset
 import model
-import render
 import synth
-import training_data
+import train
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -25,24 +24,23 @@ def test_metadata_paths_resolve_against_the_dev_set(tmp_path):
     (dev_set / "sound_event" / "valid" / "Speech").mkdir(parents=True)
     (dev_set / "sound_event" / "valid" / "Speech" / "a.wav").write_bytes(b"")
     (tmp_path / "datasets" / "extra.wav").write_bytes(b"")
-    renderer = render.Renderer(dev_set)
-    found = renderer.resolve("data/dev_set/sound_event/valid", "Speech/a.wav")
+    found = devset.resolve(dev_set, "data/dev_set/sound_event/valid", "Speech/a.wav")
     assert found == dev_set / "sound_event/valid/Speech/a.wav"
-    assert renderer.resolve("extra.wav") == tmp_path / "datasets" / "extra.wav"  # repository root = dev_set/../..
-    assert renderer.resolve(str(dev_set / "sound_event")) == dev_set / "sound_event"  # absolute: as it is
+    assert devset.resolve(dev_set, "extra.wav") == tmp_path / "datasets" / "extra.wav"  # repository root = ../..
+    assert devset.resolve(dev_set, str(dev_set / "sound_event")) == dev_set / "sound_event"  # absolute: as it is
     with pytest.raises(ValueError) as error:
-        renderer.resolve("data/dev_set/sound_event/valid", "Speech/gone.wav")
+        devset.resolve(dev_set, "data/dev_set/sound_event/valid", "Speech/gone.wav")
     message = str(error.value)
     assert "\n" not in message and "data/dev_set/sound_event/valid/Speech/gone.wav: " in message
     assert f"not found at {dev_set}/sound_event/valid/Speech/gone.wav" in message and f"dev set {dev_set}" in message
 
 
 def test_find_dev_set(demo_dev_set, tmp_path):
-    assert synth.find_dev_set(demo_dev_set / "metadata" / "valid.json") == demo_dev_set
-    assert synth.find_dev_set(demo_dev_set / "metadata" / "valid") == demo_dev_set
-    assert synth.find_dev_set(demo_dev_set / "synthesized" / "test" / "metadata") == demo_dev_set
+    assert devset.find_dev_set(demo_dev_set / "metadata" / "valid.json") == demo_dev_set
+    assert devset.find_dev_set(demo_dev_set / "metadata" / "valid") == demo_dev_set
+    assert devset.find_dev_set(demo_dev_set / "synthesized" / "test" / "metadata") == demo_dev_set
     with pytest.raises(ValueError, match="lies in no dev set"):
-        synth.find_dev_set(tmp_path / "scenes")
+        devset.find_dev_set(tmp_path / "scenes")
 
 
 def test_generated_scenes_use_the_train_folders_in_the_official_form(demo_dev_set):
@@ -79,7 +77,7 @@ def test_everything_works_from_a_folder_holding_another_dev_set(demo_dev_set, ot
         assert torch.equal(item["mixture"], expected["mixture"]) and item["label"] == expected["label"]
     assert torch.equal(synth.GeneratedDataset(demo_dev_set, length=1, seed=3)[0]["mixture"], generated["mixture"])
     assert data_prep.render_metadata(valid, tmp_path / "rendered") == 4
-    training_data.check_data_root(demo_dev_set, synth.SceneConfig())
+    train.check_data_root(demo_dev_set, synth.SceneConfig())
     result = subprocess.run([sys.executable, str(Path(data_prep.__file__).resolve()), "verify", "--data",
                              str(demo_dev_set)], capture_output=True, text=True)
     assert result.returncode == 0 and result.stdout.endswith("ok\n"), result.stdout + result.stderr
@@ -90,7 +88,7 @@ def test_training_check_names_the_split_layout(demo_dev_set, tmp_path):
     for name in ("sound_event", "noise", "room_ir", "interference", "metadata"):
         (unsplit / name).mkdir(parents=True)
     with pytest.raises(SystemExit) as error:
-        training_data.check_data_root(unsplit, synth.SceneConfig())
+        train.check_data_root(unsplit, synth.SceneConfig())
     message = str(error.value)
     assert f"{unsplit / 'sound_event/train'} is missing (the official layout splits" in message
     assert "python data_prep.py demo" in message
@@ -114,17 +112,11 @@ def test_bad_channel_and_event_settings_are_one_line_errors(demo_dev_set, tmp_pa
         devset.DataIndex(copy, "train")
 
 
-def test_unusable_spectrum_cache_dir_and_bench_device_are_one_line_errors(demo_dev_set, tmp_path):
-    blocker = tmp_path / "a_file"
-    blocker.write_text("")
-    result = subprocess.run([sys.executable, "train.py", "--task", "tagging", "--preset", "demo", "--data_root",
-                             str(demo_dev_set), "--out_dir", str(tmp_path / "run"), "--spectrum_cache_dir",
-                             str(blocker / "cache")], cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert result.returncode != 0 and "Traceback" not in result.stderr
-    expected = f"--spectrum_cache_dir {blocker / 'cache'}: cannot create the folder (Not a directory)"
-    assert result.stderr.strip() == expected
-    assert not (tmp_path / "run").exists()
-    result = subprocess.run([sys.executable, "synth.py", "--bench", "--data", str(demo_dev_set), "--device", "gpu"],
-                            cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert result.returncode != 0 and "Traceback" not in result.stderr
-    assert result.stderr.startswith("--device gpu: not usable here") and len(result.stderr.strip().splitlines()) == 1
+def test_bench_refuses_bad_flags_in_one_line():
+    for arguments, expected in ((["--device", "gpu"], "--device gpu: expected auto, cpu or cuda"),
+                                (["--only", "models,speed"], "--only models,speed: unknown sections speed"),
+                                (["--quik"], "--quik (did you mean --quick?)")):
+        result = subprocess.run([sys.executable, "bench.py", *arguments], cwd=ROOT, capture_output=True, text=True,
+                                timeout=120)
+        assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+        assert expected in result.stderr and len(result.stderr.strip().splitlines()) == 1, result.stderr

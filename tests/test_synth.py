@@ -1,8 +1,10 @@
 """Synthesis tests: levels and dry window against an exact float64 SpAudSyn computation, SOFA reading,
-metadata round trip, determinism across DataLoader workers, duplicate constraints, waveform-mode names, errors."""
+metadata round trip, determinism across DataLoader workers, duplicate constraints, device rendering, errors, and
+an augmentation added in three edits of synth.py."""
+import importlib.util
 import json
 import math
-import os
+from pathlib import Path
 
 import h5py
 import numpy as np
@@ -13,7 +15,7 @@ import torch
 
 import data_prep
 import devset
-import render
+import evaluate
 import synth
 
 RATE = devset.SAMPLE_RATE
@@ -43,7 +45,7 @@ def cartesian(spherical):
 
 
 def reference_render(scene, root):
-    """Exact float64 SpAudSyn computation (scipy.signal.fftconvolve), written independently of render.py."""
+    """Exact float64 SpAudSyn computation (scipy.signal.fftconvolve), written independently of synth.py."""
     config = scene["config"]
     room_path = root / scene["room"]["args"]["metadata"]["sofa_path"]
     with h5py.File(room_path) as file:
@@ -119,52 +121,37 @@ def small_scene(tmp_path):
 
 def test_render_matches_exact_float64_levels_and_dry_window(small_scene):
     scene, root = small_scene
-    rendered = render.Renderer(root / "data" / "dev_set").render(scene)
-    mixture, dry, levels = reference_render(scene, root)
+    mixture, dry, labels = synth.Renderer(root / "data" / "dev_set").render_scene(scene)
+    expected, expected_dry, levels = reference_render(scene, root)
     assert abs(levels[0]) < 1e-9 and abs(levels[2]) < 1e-9  # event level = ref_db + snr over the full wet
     assert levels[1] == 1793  # direct-path window length
-    assert rendered["mixture"].dtype == np.float32 and rendered["mixture"].shape == (4, 320000)
-    assert np.max(np.abs(rendered["mixture"] - mixture)) <= 1e-4 * np.max(np.abs(mixture))
-    assert np.max(np.abs(rendered["dry_sources"][:, 0] - dry)) <= 1e-4 * np.max(np.abs(dry))
-    assert rendered["labels"] == ["Speech"]
+    assert mixture.dtype == torch.float32 and mixture.shape == (4, 320000)
+    assert np.max(np.abs(mixture.numpy() - expected)) <= 1e-4 * np.max(np.abs(expected))
+    assert np.max(np.abs(dry[:, 0].numpy() - expected_dry)) <= 1e-4 * np.max(np.abs(expected_dry))
+    assert labels == ["Speech"]
     read = int(scene["fg_events"][0]["event_duration"] * RATE)
     assert read == 64001  # the official int(duration * sr) truncation loses the last sample
 
 
-def test_disk_spectrum_cache_gives_identical_renders(small_scene, tmp_path, monkeypatch):
-    scene, root = small_scene
-    monkeypatch.setattr(render, "spectrum_cache_megabytes", 0)  # every render goes to the disk cache
-    plain = render.Renderer(root / "data" / "dev_set").render(scene)
-    renderer = render.Renderer(root / "data" / "dev_set", cache_dir=tmp_path / "cache")
-    first, second = renderer.render(scene), renderer.render(scene)  # written, then read back
-    (folder,) = (tmp_path / "cache").iterdir()
-    assert sorted(path.name for path in folder.iterdir()) == ["2.npy", "4.npy"]  # 4 channels + direct window
-    for rendered in (first, second):
-        np.testing.assert_array_equal(rendered["mixture"], plain["mixture"])
-        np.testing.assert_array_equal(rendered["dry_sources"], plain["dry_sources"])
-    room = root / "rooms" / "r.sofa"
-    stat = room.stat()
-    os.utime(room, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10 ** 9))  # a changed room never reuses old spectra
-    renderer.render(scene)
-    assert len(list((tmp_path / "cache").iterdir())) == 2
-
-
 def test_render_errors_name_the_file(small_scene, tmp_path):
     scene, root = small_scene
+    renderer = synth.Renderer(root / "data" / "dev_set")
     bad = json.loads(json.dumps(scene))
     bad["fg_events"][0]["event_position"] = [[0.3, 0.3, 0.3]]
     with pytest.raises(ValueError, match="no RIR at position"):
-        render.Renderer(root / "data" / "dev_set").render(bad)
+        renderer.render_scene(bad)
     bad = json.loads(json.dumps(scene))
     bad["fg_events"][0]["source_file"] = "Speech/missing.wav"
     with pytest.raises(ValueError, match="missing.wav"):
-        render.Renderer(root / "data" / "dev_set").render(bad)
+        renderer.render_scene(bad)
     soundfile.write(root / "fg" / "Speech" / "a.wav", np.zeros(64002), 16000)
     with pytest.raises(ValueError, match="a.wav: sample rate 16000"):
-        render.Renderer(root / "data" / "dev_set").render(scene)
-    (root / "rooms" / "r.sofa").write_bytes(b"not hdf5")
+        renderer.render_scene(scene)
+    (root / "rooms" / "r.sofa").write_bytes(b"not hdf5")  # a changed file is opened again
     with pytest.raises(ValueError, match="r.sofa: unreadable SOFA"):
-        render.Renderer(root / "data" / "dev_set").render(scene)
+        renderer.render_scene(scene)
+    with pytest.raises(ValueError, match="not a scene"):
+        renderer.render_scene({"config": scene["config"], "room": 3})
 
 
 def test_sofa_spherical_and_cartesian_positions(tmp_path):
@@ -237,21 +224,20 @@ def test_duplicate_constraints(demo_dev_set):
 
 def test_waveform_mode_names(demo_dev_set, tmp_path):
     test = demo_dev_set / "synthesized" / "test"
-    dataset = synth.WaveformDataset(test / "soundscape", test / "oracle_target", "concat", "zeros")
-    item = dataset[0]
-    assert item["mixture"].shape == (4, 320000) and item["label_vector"].shape == (54,)
+    item = evaluate.WaveformDataset(test / "soundscape", test / "oracle_target")[0]
+    assert item["mixture"].shape == (4, 320000) and item["label_vector"].shape == (3, 18)
     assert item["dry_sources"].shape == (3, 1, 320000) and len(item["label"]) == 3
     (tmp_path / "mix").mkdir()
     (tmp_path / "est").mkdir()
     soundfile.write(tmp_path / "mix" / "s1.wav", np.zeros((100, 4)), RATE)
     soundfile.write(tmp_path / "est" / "s1_Speech.wav", np.full(100, 0.5), RATE)  # 2025 naming
     soundfile.write(tmp_path / "est" / "s1_0_Dishes.wav", np.full(100, 0.25), RATE)
-    item = synth.WaveformDataset(tmp_path / "mix", estimate_dir=tmp_path / "est")[0]
+    item = evaluate.WaveformDataset(tmp_path / "mix", estimate_dir=tmp_path / "est")[0]
     assert item["est_label"] == ["Dishes", "Speech", "silence"]
     assert item["est_dry_sources"][1, 0, 0] == 0.5 and item["est_dry_sources"][2].abs().sum() == 0
-    assert synth.parse_source_name("s1", "s1_2_Speech.wav") == (2, "Speech")
+    assert devset.parse_source_name("s1", "s1_2_Speech.wav") == (2, "Speech")
     with pytest.raises(ValueError, match="unknown label"):
-        synth.parse_source_name("s1", "s1_0_Dog.wav")
+        devset.parse_source_name("s1", "s1_0_Dog.wav")
 
 
 def test_label_vector_modes():
@@ -279,35 +265,36 @@ STYLES = {"tagger": (synth.SceneConfig(nevent_range=(0, 3)), dict(num_channels=1
 
 
 @pytest.mark.parametrize("style", STYLES)
-@pytest.mark.parametrize("gpu_code", [False, True])
-def test_device_rendering_equals_worker_rendering(style, gpu_code, demo_dev_set, tmp_path, monkeypatch):
-    """Workers read, the device renders the batch: same mixtures, dry targets and labels as rendering per item,
-    also with the code written for GPUs (torch.fft, indexed copies) run on the CPU; a scene of the batch still
-    renders back from its metadata."""
-    monkeypatch.setattr(render, "CPU_KERNELS", not gpu_code)
+@pytest.mark.parametrize("torch_fft", [False, True])
+def test_device_rendering_equals_worker_rendering(style, torch_fft, demo_dev_set, tmp_path, monkeypatch):
+    """Workers read, the device renders the batch: the same mixtures, dry targets and labels as rendering per item,
+    also with torch.fft (the back end of GPUs) on the CPU; a scene of the batch still renders back from its
+    metadata."""
     scene, options = STYLES[style]
     workers = synth.GeneratedDataset(demo_dev_set, scene, length=6, seed=5, label_vector_mode="stack",
                                      silence_label_mode="onehot", **options)
     device = synth.GeneratedDataset(demo_dev_set, scene, length=6, seed=5, label_vector_mode="stack",
                                     silence_label_mode="onehot", render=False, **options)
-    monkeypatch.setattr(render, "CPU_KERNELS", True)  # the reference: per item, scipy on the CPU
     expected = synth.collate([workers[index] for index in range(6)])
-    monkeypatch.setattr(render, "CPU_KERNELS", not gpu_code)
     batch = synth.collate([device[index] for index in range(6)])
     assert "mixture" not in batch and batch["scene"]["background"].shape == expected["mixture"].shape
     # What the DataLoader's pin_memory (on CUDA) makes of the keys: tuples become lists.
-    batch["scene"]["rir_keys"] = [[path, position, list(window)] for path, position, window in
-                                  batch["scene"]["rir_keys"]]
-    rendered = render.BatchRenderer("cpu", 64)(batch)
+    batch["scene"]["rir_keys"] = [[path, position, list(rule), direct]
+                                  for path, position, rule, direct in batch["scene"]["rir_keys"]]
+    if torch_fft:
+        monkeypatch.setattr(synth, "rfft", lambda signal, length: torch.fft.rfft(signal, length))
+        monkeypatch.setattr(synth, "irfft", lambda spectrum, length: torch.fft.irfft(spectrum, length))
+    rendered = synth.Renderer(demo_dev_set, "cpu", 64)(batch)
     channels = 1 if style == "tagger" else 4
     assert rendered["mixture"].shape == (6, channels, 320000)
     peak = expected["mixture"].abs().max()
     assert (rendered["mixture"] - expected["mixture"]).abs().max() <= 1e-4 * peak
+    assert torch.equal(rendered["mixture"], expected["mixture"]) or torch_fft  # the same code: the same bits
     assert rendered["label"] == expected["label"] and torch.equal(rendered["label_vector"], expected["label_vector"])
     if style == "tagger":
         assert "dry_sources" not in rendered and "dry_sources" not in expected
-        full = render.Renderer(demo_dev_set).render(batch["metadata"][0])["mixture"][0]  # the tagger reads channel 0
-        assert np.max(np.abs(rendered["mixture"][0, 0].numpy() - full)) <= 1e-4 * np.max(np.abs(full))
+        full = synth.Renderer(demo_dev_set).render_scene(batch["metadata"][0])[0][0]  # the tagger reads channel 0
+        assert (rendered["mixture"][0, 0] - full).abs().max() <= 1e-4 * full.abs().max()
     else:
         assert rendered["dry_sources"].shape == (6, 3, 1, 320000)
         dry_peak = expected["dry_sources"].abs().max()
@@ -320,10 +307,10 @@ def test_device_rendering_equals_worker_rendering(style, gpu_code, demo_dev_set,
     assert (again["mixture"] - rendered["mixture"][1]).abs().max() <= 1e-4 * again["mixture"].abs().max()
 
 
-def test_gpu_code_keeps_every_tensor_on_the_device(demo_dev_set):
-    """The rendering code for GPUs run on the 'meta' device, where any tensor left on the CPU is an error."""
+def test_device_code_keeps_every_tensor_on_the_device(demo_dev_set):
+    """Rendering run on the 'meta' device, where any tensor left on the CPU (or read back) is an error."""
     dataset = synth.GeneratedDataset(demo_dev_set, length=3, seed=2, render=False)
-    rendered = render.BatchRenderer("meta", 64)(synth.collate([dataset[index] for index in range(3)]))
+    rendered = synth.Renderer(demo_dev_set, "meta", 64)(synth.collate([dataset[index] for index in range(3)]))
     for key in ("mixture", "dry_sources", "label_vector"):
         assert rendered[key].device.type == "meta"
     assert rendered["mixture"].shape == (3, 4, 320000) and rendered["dry_sources"].shape == (3, 3, 1, 320000)
@@ -332,25 +319,47 @@ def test_gpu_code_keeps_every_tensor_on_the_device(demo_dev_set):
 def test_rir_spectra_stay_within_their_bound_and_give_the_same_mixtures(demo_dev_set):
     dataset = synth.GeneratedDataset(demo_dev_set, length=8, seed=4, render=False)
     batches = [synth.collate([dataset[index] for index in range(first, first + 2)]) for first in range(0, 8, 2)]
-    unbounded, bounded = render.BatchRenderer("cpu", 1024), render.BatchRenderer("cpu", 0)
-    largest = max(len(set(batch["scene"]["rir_keys"])) for batch in batches)
+    unbounded, bounded = synth.Renderer(demo_dev_set, "cpu", 1024), synth.Renderer(demo_dev_set, "cpu", 0)
     for batch in batches + batches:
-        expected, actual = unbounded(batch)["mixture"], bounded(batch)["mixture"]
-        assert torch.equal(expected, actual)
-        assert not bounded.spectra.slots  # nothing is kept beyond the batch
-        assert len(bounded.spectra.power) <= largest  # the tables hold one batch at most
-    positions = {key for batch in batches for key in batch["scene"]["rir_keys"]}
-    assert len(unbounded.spectra.slots) == len(positions)  # all kept, read once
+        assert torch.equal(unbounded(batch)["mixture"], bounded(batch)["mixture"])
+        assert not bounded.spectra.entries  # nothing is kept beyond the batch
+    positions = {tuple(key[:2]) + (key[3],) for batch in batches for key in batch["scene"]["rir_keys"]}
+    assert len(unbounded.spectra.entries) == len(positions)  # all kept, each read once
 
 
-def test_collate_makes_the_batch_in_shared_memory_inside_a_worker(demo_dev_set):
-    dataset = synth.GeneratedDataset(demo_dev_set, length=2, seed=0, render=False)
+def test_a_per_channel_gain_takes_three_edits_of_synth_py(demo_dev_set, tmp_path):
+    """The recipe of the README's "Where to hack", applied to a copy of synth.py: a random gain per microphone,
+    a SceneConfig field, drawn with the scene and kept in it, applied where render_scenes finishes the mixtures.
+    The targets stay as they were, and scene(i) still renders back to the same mixture."""
+    edits = [  # (a line of synth.py, what it becomes)
+        ("    direct_range_ms: tuple[float, float] = (6.0, 50.0)  # ms before / after the direct-path peak (dry target)\n",
+         "    direct_range_ms: tuple[float, float] = (6.0, 50.0)  # ms before / after the direct-path peak (dry target)\n"
+         "    channel_gain_db: float = 6.0  # dB, each microphone's gain is drawn from [-x, x]\n"),
+        ('            "bg_events": background,\n',
+         '            "bg_events": background,\n'
+         '            "channel_gains": [rng.uniform(-config.channel_gain_db, config.channel_gain_db)\n'
+         '                              for _ in range(room.num_channels)],  # dB per microphone\n'),
+        ("    return mixture, dry\n",
+         '    gains = host_tensor([scene["channel_gains"][:C] for scene in scenes["metadata"]], torch.float32, device)\n'
+         "    mixture *= 10 ** (gains[:, :, None] / 20)  # (B, C, 1)\n"
+         "    return mixture, dry\n"),
+    ]
+    source = Path(synth.__file__).read_text()
+    for line, replacement in edits:
+        assert source.count(line) == 1, line
+        source = source.replace(line, replacement)
+    (tmp_path / "augmented_synth.py").write_text(source)
+    spec = importlib.util.spec_from_file_location("augmented_synth", tmp_path / "augmented_synth.py")
+    augmented = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(augmented)
 
-    def check(items):
-        batch = synth.collate(items)
-        tensors = [batch["label_vector"], *(v for v in batch["scene"].values() if torch.is_tensor(v))]
-        return all(tensor.is_shared() for tensor in tensors)
-
-    loader = torch.utils.data.DataLoader(dataset, batch_size=2, num_workers=1, collate_fn=check)
-    assert next(iter(loader)) is True
-    assert not synth.collate([dataset[0]])["label_vector"].is_shared()  # in the main process: ordinary memory
+    plain = synth.GeneratedDataset(demo_dev_set, length=2, seed=9)[0]
+    dataset = augmented.GeneratedDataset(demo_dev_set, augmented.SceneConfig(), length=2, seed=9)
+    item = dataset[0]
+    gains = np.array(item["metadata"]["channel_gains"])
+    assert item["metadata"]["fg_events"] == plain["metadata"]["fg_events"] and np.abs(gains).max() > 0.5
+    expected = plain["mixture"] * torch.tensor(10 ** (gains / 20), dtype=torch.float32)[:, None]
+    assert (item["mixture"] - expected).abs().max() <= 1e-5 * expected.abs().max()
+    assert torch.equal(item["dry_sources"], plain["dry_sources"])
+    (tmp_path / "scene.json").write_text(json.dumps(dataset.scene(0)))
+    assert torch.equal(augmented.MetadataDataset(tmp_path, data_root=demo_dev_set)[0]["mixture"], item["mixture"])

@@ -14,10 +14,9 @@ from pathlib import Path
 import pytest
 import torch
 
-import checkpoint
-import cluster
+import bench
+import model as model_module
 import train
-import training_data
 from model import SeparatorConfig, TaggerConfig, build_separator, build_tagger, load_separator, load_tagger
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -87,18 +86,18 @@ def test_bad_data_root_names_the_data_commands(tmp_path, capsys):
 
 def test_batch_split_follows_the_world_size():
     # (global batch, world size, batch size, exact) -> (per-device batch, accumulation)
-    assert cluster.split_batch(4, 2, 4, exact=False) == (2, 1)  # separator demo preset under 2 processes
-    assert cluster.split_batch(4, 4, 4, exact=False) == (1, 1)
-    assert cluster.split_batch(16, 4, 16, exact=False) == (4, 1)  # tagger demo preset under 4 processes
-    assert cluster.split_batch(16, 1, 4, exact=False) == (4, 4)  # official separator on one GPU
-    assert cluster.split_batch(6, 1, 4, exact=False) == (3, 2)  # only --global_batch given: largest batch that fits
-    assert cluster.split_batch(16, 2, 4, exact=True) == (4, 2)
+    assert train.split_batch(4, 2, 4, exact=False) == (2, 1)  # separator demo preset under 2 processes
+    assert train.split_batch(4, 4, 4, exact=False) == (1, 1)
+    assert train.split_batch(16, 4, 16, exact=False) == (4, 1)  # tagger demo preset under 4 processes
+    assert train.split_batch(16, 1, 4, exact=False) == (4, 4)  # official separator on one GPU
+    assert train.split_batch(6, 1, 4, exact=False) == (3, 2)  # only --global_batch given: largest batch that fits
+    assert train.split_batch(16, 2, 4, exact=True) == (4, 2)
     with pytest.raises(SystemExit, match="--global_batch 16 cannot be split over world size 3: use --global_batch "
                                          "15 or 18"):
-        cluster.split_batch(16, 3, 4, exact=False)
+        train.split_batch(16, 3, 4, exact=False)
     with pytest.raises(SystemExit, match="--batch_size 3 does not divide the 8 mixtures per device .*use "
                                          "--batch_size 2 or 4"):
-        cluster.split_batch(16, 2, 3, exact=True)
+        train.split_batch(16, 2, 3, exact=True)
 
 
 def test_print_config_shows_each_value_and_its_origin(tmp_path, capsys):
@@ -113,7 +112,11 @@ def test_print_config_shows_each_value_and_its_origin(tmp_path, capsys):
     assert any(line.split() == ["--no-tf32", "default"] for line in lines)
     assert any(line.split() == ["--separator.base_channels", "16", "preset", "demo"] for line in lines)
     assert not (tmp_path / "run").exists()
-    assert "defaults shown above are the code defaults" in " ".join(train.build_parser().format_help().split())
+    help_text = " ".join(train.build_parser().format_help().split())  # the official presets' values, per task
+    assert "peak learning rate (default 0.0001 for tagging" not in help_text
+    assert "peak learning rate (default 0.001 for tagging, 0.0001 for separation)" in help_text
+    assert "(default (0, 3) for tagging, (1, 3) for separation)" in help_text  # scene.nevent_range
+    assert "--separator.num_slots NUM_SLOTS query slots" in help_text
     with pytest.raises(ValueError, match="unknown loss 'nope'"):
         train.compute_loss(None, {"mixture": torch.zeros(1, 4, 10)}, "nope")
 
@@ -145,15 +148,15 @@ def test_official_optimizer_state_maps_by_parameter_name(kind, tmp_path):
     optimizer.step()
     torch.save({"state_dict": {key: value.detach() for key, value in official.items()},
                 "optimizer_states": [optimizer.state_dict()]}, tmp_path / "official.ckpt")
-    _, weights, saved, names = checkpoint.read_initial_checkpoint(str(tmp_path / "official.ckpt"), kind, model)
-    mapped = checkpoint.map_optimizer_state(saved, names, model, "official.ckpt")
+    read = model_module.read_checkpoint(str(tmp_path / "official.ckpt"), kind)
+    mapped = train.map_optimizer_state(read.optimizer, read.parameter_names, model, "official.ckpt")
     ours = list(dict(model.named_parameters()))
     assert len(mapped["state"]) == sum(parameter.requires_grad for parameter in model.parameters())
     for index, state in mapped["state"].items():
         expected = optimizer.state[parameters[ours[index]]]
         assert torch.equal(state["exp_avg"], expected["exp_avg"]), ours[index]
     fresh = torch.optim.AdamW(model.parameters(), lr=1e-5, amsgrad=True, fused=True)
-    checkpoint.load_optimizer_state(fresh, mapped)
+    train.load_optimizer_state(fresh, mapped)
     assert fresh.param_groups[0]["fused"] and fresh.param_groups[0]["lr"] == 1e-5  # the group stays ours
 
 
@@ -183,7 +186,7 @@ def test_checkpoint_and_folder_mistakes_give_one_line_and_change_nothing(demo_de
         (["--init_from", str(run / "best.pt"), "--init_optimizer"], tmp_path / "new",
          [f"{run / 'best.pt'} holds no optimizer state"]),
         (["--init_from", str(tmp_path / "partial.pt")], tmp_path / "new",
-         ["partial.pt: the weights do not fit this model: missing 1 (base.pre_conv.bias)", "--init_non_strict"]),
+         ["partial.pt: the weights do not fit this Separator: missing 1 (base.pre_conv.bias)", "--init_non_strict"]),
         ([], other, [f"{other} already holds the config.json of another run", "train.lr 0.5 there"]),
     ]
     for extra, out_dir, expected in cases:
@@ -415,7 +418,7 @@ def test_validation_renders_once_and_tagging_validation_runs_the_model_once(demo
                         read_scene(self, index))
     monkeypatch.setattr(Tagger, "forward", lambda self, waveform: forwards.append(1) or forward(self, waveform))
     monkeypatch.setattr(train, "validate", counted_validate)
-    monkeypatch.setattr(training_data, "VALID_MEMORY_BYTES", 0)
+    monkeypatch.setattr(train, "VALID_MEMORY_BYTES", 0)
     train.main(tiny_args("tagging", demo_dev_set, tmp_path, "--render_on", "device", "--eval_interval", "1"))
     assert sorted(reads) == [0, 1]
     assert validations == [2, 2]  # forward calls of each validation: 2 batches of 1 mixture
@@ -431,28 +434,27 @@ def test_render_on_and_num_workers_defaults(monkeypatch):
         train.resolve_config(["--num_workers", "-2"])
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)))
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
-    assert training_data.default_num_workers() == 3  # 4 cores per rank, one for the training process
+    assert train.default_num_workers() == 3  # 4 cores per rank, one for the training process
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1})
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
-    assert training_data.default_num_workers() == 1
+    assert train.default_num_workers() == 1
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")
-    assert training_data.default_num_workers() == 1
+    assert train.default_num_workers() == 1
 
 
 def test_native_bf16_detection(monkeypatch):
     """Native bf16 needs the hardware (AVX512-BF16 or AMX) and torch's AVX512 kernels in use."""
-    import model
     cases = [("x86_64", True, False, "AVX512", True), ("x86_64", False, True, "AVX512", True),
              ("x86_64", True, True, "AVX2", False),  # restricted with ATEN_CPU_CAPABILITY=avx2
              ("x86_64", False, False, "AVX512", False), ("x86_64", False, False, "AVX2", False),
              ("aarch64", False, False, "DEFAULT", None)]
     for machine, avx512_bf16, amx, capability, expected in cases:
-        monkeypatch.setattr(model.platform, "machine", lambda: machine)
+        monkeypatch.setattr(train.platform, "machine", lambda: machine)
         monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16, raising=False)
         monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx, raising=False)
         monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)
-        assert model.cpu_has_native_bf16() is expected, (machine, avx512_bf16, amx, capability)
-        assert ("bf16 native" in model.cpu_summary()) is bool(expected)
+        assert train.cpu_has_native_bf16() is expected, (machine, avx512_bf16, amx, capability)
+        assert (bench.machine(torch.device("cpu"))["bf16_on_cpu"] == "native") is bool(expected)
 
 
 @pytest.mark.parametrize("native", [False, True])
