@@ -12,7 +12,6 @@ The synthesis, training and evaluation sections run on a dev-set-like demo set (
 """
 import dataclasses
 import json
-import math
 import platform
 import statistics
 import subprocess
@@ -21,15 +20,13 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
-import torch.nn.functional as F
 
 import data_prep
 import model
 import synth
 import train
-from cli import StrictParser, add_config_flags, config_from_args, resolve_device
+from cli import StrictParser, add_config_flags, config_from_args, cpu_has_native_bf16, resolve_device
 from devset import LABELS, NUM_SLOTS, SAMPLE_RATE, SILENCE
 from metrics import capi_sdri
 
@@ -46,10 +43,7 @@ class BenchConfig:
     out: str = "bench.json"  # where the numbers are written
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Helpers
-
-
+# ---- Helpers -----------------------------------------------------------------------------------------------------
 def machine(device: torch.device) -> dict:
     """CPU model, torch's kernel level, native bf16, threads, GPU and versions: the header of every result."""
     name = platform.processor() or "unknown CPU"
@@ -58,7 +52,7 @@ def machine(device: torch.device) -> dict:
                     if line.startswith("model name"))
     except (OSError, StopIteration):
         pass
-    native = train.cpu_has_native_bf16()
+    native = cpu_has_native_bf16()
     return {"cpu": name, "cpu_kernels": torch.backends.cpu.get_cpu_capability(), "threads": torch.get_num_threads(),
             "bf16_on_cpu": {True: "native", False: "emulated", None: "not detected"}[native],
             "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else "none",
@@ -80,42 +74,7 @@ def timed(function, repeats: int, device) -> float:
     return statistics.median(times)
 
 
-class ConvSTFTSeparator(model.Separator):
-    """The separator with the official conv1d STFT and conv + overlap-add ISTFT (torchlibrosa's), for comparison."""
-
-    def __init__(self, config: model.SeparatorConfig):
-        super().__init__(config)
-        n, bins = config.n_fft, config.n_fft // 2 + 1
-        angle = 2 * math.pi * torch.outer(torch.arange(n, dtype=torch.float64), torch.arange(n, dtype=torch.float64)) / n
-        window = torch.hann_window(n, periodic=True, dtype=torch.float64)
-        self.register_buffer("stft_real", (torch.cos(angle[:bins]) * window).float()[:, None], persistent=False)
-        self.register_buffer("stft_imag", (-torch.sin(angle[:bins]) * window).float()[:, None], persistent=False)
-        self.register_buffer("istft_real", (torch.cos(angle) / n * window[:, None]).float()[..., None], persistent=False)
-        self.register_buffer("istft_imag", (torch.sin(angle) / n * window[:, None]).float()[..., None], persistent=False)
-
-    def spectrogram(self, waveform):
-        x = F.pad(waveform.float()[:, None], (self.config.n_fft // 2,) * 2, mode="reflect")  # (N, 1, L + n_fft)
-        real = F.conv1d(x, self.stft_real, stride=self.config.hop_length)  # (N, F, T)
-        imag = F.conv1d(x, self.stft_imag, stride=self.config.hop_length)
-        return real.transpose(1, 2), imag.transpose(1, 2)
-
-    def waveform(self, real, imag, length):
-        n, hop = self.config.n_fft, self.config.hop_length
-        real, imag = real.transpose(1, 2), imag.transpose(1, 2)  # (N, F, T)
-        full_real = torch.cat([real, real[:, 1:-1].flip(1)], dim=1)  # (N, n_fft, T), Hermitian spectrum
-        full_imag = torch.cat([imag, -imag[:, 1:-1].flip(1)], dim=1)
-        frames = F.conv1d(full_real, self.istft_real) - F.conv1d(full_imag, self.istft_imag)  # (N, n_fft, T)
-        size = (1, (frames.shape[-1] - 1) * hop + n)
-        signal = F.fold(frames, size, (1, n), stride=(1, hop)).flatten(1)  # (N, samples)
-        envelope = F.fold(self.window.square()[None, :, None].expand(1, n, frames.shape[-1]), size, (1, n),
-                          stride=(1, hop)).flatten(1)
-        return (signal / envelope.clamp(min=1e-11))[:, n // 2:n // 2 + length]
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Sections: each returns rows (item, value, unit)
-
-
+# ---- Sections: each returns rows (item, value, unit) -------------------------------------------------------------
 def bench_synthesis(config: BenchConfig, device, data: Path) -> list:
     """Worker ms per mixture (scene draw + reading + collate), device mixtures/s rendering whole batches (warm RIR
     cache), a worker rendering one mixture at a time, and `data_prep.py render` of the validation metadata."""
@@ -158,8 +117,7 @@ def bench_models(config: BenchConfig, device) -> list:
     queries[:, 0, 0] = queries[:, 1, 5] = 1.0
     models = {"tagger 1c": (model.Tagger(model.TaggerConfig()), (mixture,)),
               "tagger 4c": (model.Tagger(model.TaggerConfig(num_channels=4)), (mixture,)),
-              "separator ResUNetK (torch.stft)": (model.Separator(model.SeparatorConfig()), (mixture, queries)),
-              "separator, official conv STFT": (ConvSTFTSeparator(model.SeparatorConfig()), (mixture, queries))}
+              "separator ResUNetK": (model.Separator(model.SeparatorConfig()), (mixture, queries))}
     variants = [("fp32", False), ("bf16", False)] + ([("bf16 + compile", True)] if device.type == "cuda" else [])
     for name, (module, inputs) in models.items():
         module.to(device).train()

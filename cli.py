@@ -10,6 +10,7 @@ import dataclasses
 import difflib
 import inspect
 import os
+import platform
 import re
 from pathlib import Path
 
@@ -124,6 +125,16 @@ def resolve_device(name: str) -> torch.device:
     if device.type not in ("cpu", "cuda"):
         raise ValueError(f"--device {name}: expected auto, cpu or cuda")
     return device
+
+
+def cpu_has_native_bf16() -> bool | None:
+    """Whether torch computes bf16 on this CPU in hardware (AVX512-BF16 or AMX, with torch's AVX512 kernels in use);
+    elsewhere bf16 is emulated and several times slower than fp32. None on other architectures (not detected)."""
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return None
+    hardware = any(getattr(torch.cpu, check, lambda: False)()
+                   for check in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
+    return hardware and torch.backends.cpu.get_cpu_capability().startswith("AVX512")
 
 
 @contextlib.contextmanager

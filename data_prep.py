@@ -7,12 +7,7 @@ of SpAudSyn metadata to WAV files. Every command takes the dev-set folder, which
     python data_prep.py add-data --semhear_path P --ears_path P [--data data/dev_set]
     python data_prep.py render --metadata data/dev_set/metadata/valid.json --out DIR [--data_root DIR]
 
-The layout is the official one (what the official verify.py requires, REQUIRED_FOLDERS): every source folder
-is split into train/ and valid/ (sound_event/<split>/<Label>/**.wav, interference/<split>/<class>/**.wav,
-noise/<split>/**.wav, room_ir/<split>/*.sofa), plus config/{FSD50K,EARS}_config.json (add-data pick-up
-lists), metadata/valid.json with metadata/valid/*.json, and synthesized/test/{soundscape,oracle_target}.
-Paths inside metadata are relative to the official repository root ('data/dev_set/...'); they are resolved
-against the dev-set folder given (devset.resolve), never against the current directory.
+The layout is the official one (REQUIRED_FOLDERS, the folders the official verify.py requires; devset.py).
 """
 import collections
 import dataclasses
@@ -31,9 +26,10 @@ import soundfile
 import torch
 import torchaudio
 
-from cli import StrictParser, add_config_flags, atomic_path, config_from_args
-from devset import (LABELS, SAMPLE_RATE, SPLITS, DataIndex, audio_info, find_dev_set, index_sources, metadata_files,
-                    open_room, resolve)
+from cli import StrictParser, add_config_flags, config_from_args
+from devset import (LABELS, SAMPLE_RATE, SPLITS, DataIndex, audio_info, find_dev_set, metadata_files,
+                    open_room, resolve, write_audio)
+from evaluate import check_inputs
 from synth import GeneratedDataset, Renderer, SceneConfig, scene_rules
 
 SPEED_OF_SOUND = 343.0  # m/s
@@ -62,10 +58,10 @@ INTERFERENCE_CLASSES = (  # the bg_scaper_fmt classes the official add_data.sh t
     "Tick-tock", "Toothbrush", "Traffic noise, roadway noise", "Train", "Train horn",
     "Velcro, hook and loop fastener", "Waterfall", "Whoosh, swoosh, swish", "Wind", "Writing", "Zipper (clothing)",
 )
+RENDER_CACHE_MEGABYTES = 2048  # RIR spectra `render` keeps: a real room's 108 positions at 10 s take ~1.2 GB
 # The official step resamples with librosa's default (soxr "HQ"). This windowed-sinc filter matches that output
 # within about 60 dB SNR on white noise (measured for 8 to 96 kHz input: 59.7-61.8 dB), and far closer on
 # real recordings, whose energy lies below the transition band.
-RENDER_CACHE_MEGABYTES = 2048  # RIR spectra `render` keeps: a real room's 108 positions at 10 s take ~1.2 GB
 RESAMPLE_FILTER = dict(resampling_method="sinc_interp_kaiser", lowpass_filter_width=128, rolloff=0.957, beta=24.0)
 
 
@@ -95,10 +91,7 @@ class AddDataConfig:
     shift: float = 0.1  # s, step between those windows
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Demo signals
-
-
+# ---- Demo signals ------------------------------------------------------------------------------------------------
 def _bandpass(noise, low, high):
     sos = scipy.signal.butter(4, [low, min(high, 0.45 * SAMPLE_RATE)], btype="band", fs=SAMPLE_RATE, output="sos")
     return scipy.signal.sosfilt(sos, noise)
@@ -185,40 +178,7 @@ def write_sofa(path, responses, spherical_positions, sample_rate=SAMPLE_RATE):
         receiver.attrs.update({"Type": b"cartesian", "Units": b"metre"})
 
 
-def _same_audio(path, frames, subtype):
-    """True when the WAV at path holds frames [n, C] at SAMPLE_RATE within one 16-bit step."""
-    try:
-        existing, rate = soundfile.read(str(path), dtype="float32", always_2d=True)
-    except Exception:  # soundfile raises several types for broken files: then it is not the same audio
-        return False
-    if subtype == "PCM_16":  # what 16-bit PCM can hold: libsndfile clips at full scale
-        frames = np.clip(frames, -1.0, 32767 / 32768)
-    return rate == SAMPLE_RATE and existing.shape == frames.shape and np.allclose(existing, frames, rtol=0,
-                                                                                  atol=1.01 / 32768)
-
-
-def _write_wav(path, audio, subtype="PCM_16"):
-    """Write [C, n] or [n] audio at SAMPLE_RATE; returns False when the file already holds it.
-
-    An existing file with other content is an error, never overwritten. The file is written under a temporary
-    name and renamed, so an interrupted run leaves no partial file behind.
-    """
-    path = Path(path)
-    frames = np.asarray(audio, dtype=np.float32)
-    frames = frames.T if frames.ndim == 2 else frames[:, None]  # (n, C)
-    if path.exists():
-        if _same_audio(path, frames, subtype):
-            return False
-        raise FileExistsError(f"{path}: exists with different content; remove it to write it again")
-    with atomic_path(path) as temporary:
-        soundfile.write(str(temporary), frames, SAMPLE_RATE, subtype=subtype, format="WAV")
-    return True
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Rendering metadata to files
-
-
+# ---- Rendering metadata to files ---------------------------------------------------------------------------------
 def render_metadata(metadata_path, out_dir, data_root=None, subtype="FLOAT", cache_megabytes=RENDER_CACHE_MEGABYTES):
     """Render every mixture of valid.json (or a folder of JSONs) to OUT/soundscape/<name>.wav and
     OUT/oracle_target/<name>_<slot>_<label>.wav; returns the number of mixtures.
@@ -236,16 +196,13 @@ def render_metadata(metadata_path, out_dir, data_root=None, subtype="FLOAT", cac
             mixture, dry, labels = renderer.render_scene(json.loads(file.read_text()))
         except (ValueError, KeyError, TypeError) as error:
             raise ValueError(f"{file}: {error}") from None
-        _write_wav(out_dir / "soundscape" / f"{file.stem}.wav", mixture.numpy(), subtype)
+        write_audio(out_dir / "soundscape" / f"{file.stem}.wav", mixture.numpy(), subtype)
         for slot, (label, source) in enumerate(zip(labels, dry)):
-            _write_wav(out_dir / "oracle_target" / f"{file.stem}_{slot}_{label}.wav", source[0].numpy(), subtype)
+            write_audio(out_dir / "oracle_target" / f"{file.stem}_{slot}_{label}.wav", source[0].numpy(), subtype)
     return len(files)
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Demo dev set
-
-
+# ---- Demo dev set ------------------------------------------------------------------------------------------------
 def _save_scenes(dataset, count, folder):
     """Write count generated scenes as metadata JSONs soundscape_0000.json, ...; returns their names."""
     folder.mkdir(parents=True, exist_ok=True)
@@ -279,16 +236,16 @@ def _build_demo(dev_set, config):
         for class_index, label in enumerate(LABELS):
             for number in range(files_per_class):
                 name = f"take{number % 3}/{label.lower()}_{number:02d}.wav"  # sub-folders: duplicates avoid them
-                _write_wav(dev_set / "sound_event" / split / label / name, class_signal(class_index, lengths(), rng))
+                write_audio(dev_set / "sound_event" / split / label / name, class_signal(class_index, lengths(), rng))
         for label in INTERFERENCE_LABELS:
             for number in range(interference_files):
-                _write_wav(dev_set / "interference" / split / label / f"{label.lower()}_{number:02d}.wav",
+                write_audio(dev_set / "interference" / split / label / f"{label.lower()}_{number:02d}.wav",
                            interference_signal(label, lengths(), rng))
     for split, durations in (("train", (12.0, 15.5, 7.0)), ("valid", (13.0, 6.0))):  # short files are tiled
         for number, seconds in enumerate(durations):
             common = rng.standard_normal(int(seconds * SAMPLE_RATE))
             noise = scipy.signal.lfilter([1.0], [1.0, -0.98], common + rng.standard_normal((4, len(common))), axis=-1)
-            _write_wav(dev_set / "noise" / split / f"noise_{number:02d}.wav", 0.3 * noise / np.max(np.abs(noise)))
+            write_audio(dev_set / "noise" / split / f"noise_{number:02d}.wav", 0.3 * noise / np.max(np.abs(noise)))
     _write_rooms(dev_set / "room_ir" / "train", config.num_rooms, 0.25, config, rng)
     _write_rooms(dev_set / "room_ir" / "valid", config.num_valid_rooms, 0.35, config, rng)
     (dev_set / "config").mkdir()
@@ -326,10 +283,7 @@ def make_demo(out="data", config=None):
     return dev_set
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Verify
-
-
+# ---- Verify ------------------------------------------------------------------------------------------------------
 def verify(data):
     """Check a dev set: the official folders, every file's format, the pick-up lists, every metadata reference and
     the test set. Returns (summary lines, problems)."""
@@ -380,31 +334,12 @@ def verify(data):
     else:
         problems.append(f"{valid}: missing validation metadata")
     test = data / "synthesized" / "test"
-    if (test / "soundscape").is_dir():
-        soundscapes = sorted((test / "soundscape").glob("*.wav"))
-        for path in soundscapes:
-            problems += _wav_problems(path, 4)
-        targets = sorted((test / "oracle_target").glob("*.wav"))
-        if (test / "oracle_target").is_dir():  # the same name rules as evaluation (one owner, known label)
-            owned, naming_problems, _ = index_sources(test / "oracle_target", [path.stem for path in soundscapes])
-            problems += naming_problems
-            for path, _ in (entry for entries in owned.values() for entry in entries):
-                problems += _wav_problems(path, 1)
-        summary.append(f"synthesized/test: {len(soundscapes)} soundscapes, {len(targets)} oracle targets")
+    if (test / "soundscape").is_dir() and (test / "oracle_target").is_dir():
+        try:  # what evaluate.py checks: names, rates, channels, lengths
+            summary.append(f"synthesized/test: {len(check_inputs(test))} soundscapes")
+        except ValueError as error:
+            problems += [line.strip() for line in str(error).splitlines()[1:]] or [str(error)]
     return summary, problems
-
-
-def _wav_problems(path, channels):
-    try:
-        info = audio_info(path)
-    except ValueError as error:
-        return [str(error)]
-    found = []
-    if info.samplerate != SAMPLE_RATE:
-        found.append(f"{path}: sample rate {info.samplerate} Hz, expected {SAMPLE_RATE} Hz")
-    if info.channels != channels:
-        found.append(f"{path}: {info.channels} channels, expected {channels}")
-    return found
 
 
 def _metadata_problems(file, data):
@@ -436,10 +371,7 @@ def _metadata_problems(file, data):
     return found
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Add data (the official add_data.sh step)
-
-
+# ---- Add data (the official add_data.sh step) --------------------------------------------------------------------
 def read_pickup_list(path):
     """A pick-up list in the official format: a JSON list of {"file_name": path relative to the corpus folder,
     "t4_label": target class, "convert_path": '<train|valid>/<t4_label>/<name>.wav' relative to sound_event/}."""
@@ -599,7 +531,7 @@ def add_data(config: AddDataConfig):
                 raise FileExistsError(f"{target}: exists, but its source {source} is dropped ({reason})")
             counts[f"dropped: {reason}"] += 1
         else:
-            counts["written" if _write_wav(target, audio, "PCM_16") else "already present"] += 1
+            counts["written" if write_audio(target, audio, "PCM_16") else "already present"] += 1
         if (number + 1) % 1000 == 0:
             print(f"add-data: {number + 1}/{len(jobs)} recordings processed", flush=True)
     print(f"add-data: {len(jobs)} recordings: " + ", ".join(f"{count} {outcome}" for outcome, count in
@@ -607,10 +539,7 @@ def add_data(config: AddDataConfig):
     return counts
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Command line
-
-
+# ---- Command line ------------------------------------------------------------------------------------------------
 def main():
     parser = StrictParser(description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)

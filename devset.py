@@ -1,11 +1,9 @@
 """The development set on disk: the constants every file shares, audio files, SOFA rooms, the file index of one
-split, the paths inside metadata and the names of source files. Nothing here renders (synth.py does).
+split, the paths inside metadata and the names of source files (synth.py renders, data_prep.py builds and checks).
 
 Layout (the official one): sound_event/<split>/<Label>/**.wav, interference/<split>/<class>/**.wav,
 noise/<split>/**.wav, room_ir/<split>/*.sofa with split train | valid, metadata/valid.json and metadata/valid/,
 and the test set synthesized/test/{soundscape,oracle_target}.
-
-    python data_prep.py verify --data data/dev_set     # every problem this module finds in a dev set
 """
 import functools
 import json
@@ -18,6 +16,8 @@ import h5py
 import numpy as np
 import scipy.signal
 import soundfile
+
+from cli import atomic_path
 
 SAMPLE_RATE = 32000  # Hz, the only rate of the dev set and the models
 NUM_SLOTS = 3  # output slots per mixture (up to three target events)
@@ -33,12 +33,9 @@ OFFICIAL_PREFIX = "data/dev_set/"  # the dev set in metadata paths (relative to 
 POSITION_TOLERANCE = 1e-3  # m, a SpAudSyn event position must lie this close to a stored RIR position
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Audio files
-
-
+# ---- Audio files, SOFA rooms (netCDF-4 / HDF5, read with h5py) ---------------------------------------------------
 def audio_info(path):
-    """soundfile.info of a WAV, with a ValueError that names the file."""
+    """soundfile.info of a WAV; a ValueError naming the file."""
     try:
         return soundfile.info(str(path))
     except Exception as error:  # soundfile raises several types for broken or missing files
@@ -58,8 +55,23 @@ def read_audio(path, start=0, frames=-1):
     return np.ascontiguousarray(audio.T)
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Rooms (SOFA files: netCDF-4 / HDF5, read with h5py)
+def write_audio(path, audio, subtype="PCM_16") -> bool:
+    """Write [C, n] or [n] audio at SAMPLE_RATE atomically; False when the file already holds it (within one 16-bit
+    step). An existing file with other content is an error, never overwritten."""
+    path, frames = Path(path), np.asarray(audio, dtype=np.float32)
+    frames = frames.T if frames.ndim == 2 else frames[:, None]  # (n, C)
+    if path.exists():
+        try:
+            existing, rate = soundfile.read(str(path), dtype="float32", always_2d=True)
+        except Exception:  # soundfile raises several types for broken files: then it is other content
+            existing, rate = np.zeros(0), None
+        held = np.clip(frames, -1.0, 32767 / 32768) if subtype == "PCM_16" else frames  # libsndfile clips at 1
+        if rate == SAMPLE_RATE and existing.shape == frames.shape and np.allclose(existing, held, 0, 1.01 / 32768):
+            return False
+        raise FileExistsError(f"{path}: exists with different content; remove it to write it again")
+    with atomic_path(path) as temporary:
+        soundfile.write(str(temporary), frames, SAMPLE_RATE, subtype=subtype, format="WAV")
+    return True
 
 
 class SofaRoom:
@@ -146,10 +158,7 @@ def _room(path, modified, size):
     return SofaRoom(path)
 
 
-# ----------------------------------------------------------------------------------------------------------
-# The file index of one split
-
-
+# ---- The file index of one split ---------------------------------------------------------------------------------
 def sorted_wavs(folder, recursive=True):
     """The .wav files under folder in a machine-independent order; hidden entries skipped."""
     if not recursive:
@@ -244,10 +253,7 @@ class DataIndex:
         return classes
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Paths inside metadata, metadata lists, names of source files
-
-
+# ---- Paths inside metadata, metadata lists, names of source files ------------------------------------------------
 def resolve(dev_set, *parts):
     """The file a metadata path names (joined from parts, e.g. a source folder and a source_file).
 

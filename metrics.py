@@ -22,9 +22,7 @@ INVALID_COST = 1e9  # class-aware PIT cost of pairing slots of different classes
 METRIC_NAMES = {"capi-sdri": "CAPI-SDRi", "ca-sdri": "CA-SDRi"}  # --metric value -> name printed / in JSON
 
 
-# ----------------------------------------------------------------------------------------------------------
-# SNR
-# ----------------------------------------------------------------------------------------------------------
+# ---- SNR ---------------------------------------------------------------------------------------------------------
 def snr(preds: torch.Tensor, target: torch.Tensor, eps: float | None = None) -> torch.Tensor:
     """Signal-to-noise ratio in dB along the last dim, as torchmetrics' signal_noise_ratio(zero_mean=False).
 
@@ -47,9 +45,7 @@ def _metric_dtype(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.float() if tensor.dtype in (torch.float16, torch.bfloat16) else tensor
 
 
-# ----------------------------------------------------------------------------------------------------------
-# CAPI-SDRi (2026) and CA-SDRi (2025)
-# ----------------------------------------------------------------------------------------------------------
+# ---- CAPI-SDRi (2026) and CA-SDRi (2025) -------------------------------------------------------------------------
 def _group_by_class(labels: list[str], last_only: bool = False) -> dict[str, list[int]]:
     """Slot indices of each non-silence class, in slot order; last_only keeps only the last slot of a class
     (the 2025 scorer puts labels in a dict, so a duplicated label keeps its last waveform)."""
@@ -146,9 +142,7 @@ def ca_sdri(est_labels: list[str], est_waveforms: torch.Tensor, ref_labels: list
     return _score_batch([est_labels], est_waveforms[None], [ref_labels], ref_waveforms[None], mixture, True)[0][0]
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Label metrics
-# ----------------------------------------------------------------------------------------------------------
+# ---- Label metrics -----------------------------------------------------------------------------------------------
 def label_counts(est_labels: list[str], ref_labels: list[str]) -> dict:
     """Multiset label counts of one mixture (2026 LabelMetric): {'acc': bool, 'tp', 'fp', 'fn': int}.
 
@@ -178,9 +172,7 @@ def label_set_match(est_labels: list[str], ref_labels: list[str]) -> bool:
     return set(est_labels) - {SILENCE} == set(ref_labels) - {SILENCE}
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Accumulator for evaluate.py and train.py validation
-# ----------------------------------------------------------------------------------------------------------
+# ---- Accumulator for evaluate.py and train.py validation ---------------------------------------------------------
 class MetricAccumulator:
     """Collects per-mixture scores over batches, on any device; summary() gives the dataset numbers.
 
@@ -220,9 +212,7 @@ class MetricAccumulator:
                 "count": len(self.details), "scored": len(values)}
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Training losses (all float64, differentiable)
-# ----------------------------------------------------------------------------------------------------------
+# ---- Training losses (all float64, differentiable) ---------------------------------------------------------------
 _PERMUTATIONS = {}  # (slots, device) -> every permutation [P, S]; built once per device, never copied again
 
 

@@ -90,10 +90,7 @@ class SeparatorConfig:
                              "must be positive")
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Tagger: log-mel front end, M2D ViT backbone, heads
-
-
+# ---- Tagger: log-mel front end, M2D ViT backbone, heads ----------------------------------------------------------
 def first_trainable_layer(mode: str, depth: int) -> int:
     """Index into the official fine-tuning layer list (m2dat.py) from which on everything is trainable."""
     blocks = re.fullmatch(r"(\d+)_blocks", mode)
@@ -371,10 +368,7 @@ def build_tagger(config: TaggerConfig) -> Tagger:
     return tagger
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Separator: ResUNet30 with K query slots
-
-
+# ---- Separator: ResUNet30 with K query slots ---------------------------------------------------------------------
 class ConvBlockRes(nn.Module):
     """Pre-activation residual block; FiLM biases are added after each BatchNorm."""
 
@@ -555,10 +549,7 @@ def count_parameters(*modules: nn.Module) -> int:
     return total
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# S5 system
-
-
+# ---- S5 system ---------------------------------------------------------------------------------------------------
 class S5(nn.Module):
     """Tag the mixture, move silent slots to the end (stable), separate the named sources."""
 
@@ -581,9 +572,7 @@ class S5(nn.Module):
         return {"label": labels, "probabilities": probabilities, "waveform": self.separator(mixture, queries)}
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Checkpoints: official Lightning files and our own, read by one function for evaluation, --init_from and --resume
-
+# ---- Checkpoints: official Lightning files and our own, read by one function for evaluation, --init_from and --resume ----
 # The whole remap from the official Lightning checkpoints: key prefixes renamed (first match wins), and the keys this
 # implementation computes instead of storing (nnAudio / torchlibrosa buffers, frozen STFT kernels), each True where
 # the official module holds it as a parameter: it then has a place in the official optimizer's list, never any state.

@@ -9,7 +9,7 @@
 (number of targets, same-class duplicate or not), per-class tagging precision / recall / F1 with the confusion
 matrix, per-class SDRi of the correctly labelled sources and, when the system runs from checkpoints, the
 CAPI-SDRi of the separator queried with the reference labels, which splits the loss between tagger and
-separator. With matplotlib installed it also draws confusion.png and sdri_by_class.png.
+separator.
 
 --compare pairs two results.json files mixture by mixture and prints B - A overall and per kind of mixture,
 each with a 95 % paired bootstrap interval, and the mixtures that changed most.
@@ -36,14 +36,9 @@ BOOTSTRAP_CHUNK = 1000  # resamples evaluated at once (bounds the memory, not th
 INTERVAL_PERCENTILES = (2.5, 97.5)  # the 95 % percentile interval
 CHANGED_MOST = 10  # mixtures listed by --compare
 STATISTICS = {"sdri": "{metric} (dB)", "accuracy_mix": "Mixture accuracy (%)", "accuracy_src": "Source accuracy (%)"}
-FIGURES = {"confusion": "confusion.png", "sdri_by_class": "sdri_by_class.png"}
-NO_FIGURES = ("Figures: matplotlib is not installed; `pip install matplotlib` and evaluate again with --report "
-              "to get " + " and ".join(FIGURES.values()) + ".")
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Pairing estimates with references (called by evaluate.py while the waveforms are in memory)
-# ----------------------------------------------------------------------------------------------------------
+# ---- Pairing estimates with references (called by evaluate.py while the waveforms are in memory) -----------------
 def pair_sources(est_labels: list[str], est_waveforms: torch.Tensor, ref_labels: list[str],
                  ref_waveforms: torch.Tensor, matched_pairs: list[tuple[int, int, float]]) -> list[dict]:
     """Every non-silent estimate and reference of one mixture, paired -> [{'reference', 'estimate', 'sdri'}].
@@ -80,9 +75,7 @@ def pair_sources(est_labels: list[str], est_waveforms: torch.Tensor, ref_labels:
     return pairs
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Per-mixture records, buckets and the dataset numbers
-# ----------------------------------------------------------------------------------------------------------
+# ---- Per-mixture records, buckets and the dataset numbers --------------------------------------------------------
 def metric_name(results: dict) -> str:
     """'CAPI-SDRi' or 'CA-SDRi': the summary key of a results dict."""
     return next(key for key in results if key in METRIC_NAMES.values())
@@ -158,9 +151,7 @@ def buckets(records: list[dict]) -> list[tuple[str, np.ndarray]]:
     return rows
 
 
-# ----------------------------------------------------------------------------------------------------------
-# --report: the tables
-# ----------------------------------------------------------------------------------------------------------
+# ---- --report: the tables ----------------------------------------------------------------------------------------
 def bucket_table(records: list[dict], oracle_records: list[dict] | None) -> list[dict]:
     """Per bucket: mixtures, scored (in the metric's mean), sdri, accuracy_mix, accuracy_src and, with the
     oracle-label run, oracle_sdri."""
@@ -275,9 +266,7 @@ def build_report(results: dict, oracle_results: dict | None, system: dict, data:
     return report
 
 
-# ----------------------------------------------------------------------------------------------------------
-# --report: markdown and figures
-# ----------------------------------------------------------------------------------------------------------
+# ---- --report: markdown and figures ------------------------------------------------------------------------------
 def _cell(value, digits: int = 3, sign: bool = False) -> str:
     if value is None:
         return "-"
@@ -290,15 +279,12 @@ def _table(header: list[str], rows: list[list]) -> list[str]:
     return lines + ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
 
 
-def render_markdown(report: dict, figures: list[str] | None) -> str:
-    """report.md: the tables of build_report; figures = file names of the drawn figures, None without
-    matplotlib (then one line says how to get them)."""
+def render_markdown(report: dict) -> str:
+    """report.md: the tables of build_report."""
     metric = report["metric"]
     system = ", ".join(f"{key} `{value}`" for key, value in report["system"].items())
     lines = ["# Evaluation report", "", f"System: {system}  ", f"Data: `{report['data']}` ({report['mixtures']} "
              f"mixtures)  ", f"Metric: {metric} in dB, accuracies in %; '-' = nothing to average.", ""]
-    if figures is None:
-        lines += [NO_FIGURES, ""]
 
     lines += ["## By kind of mixture", ""]
     oracle = report["split"] is not None
@@ -346,18 +332,14 @@ def render_markdown(report: dict, figures: list[str] | None) -> str:
               "Rows: reference label, columns: estimate label. Same-class pairs are the metric's; the remaining "
               "estimates and references are paired by the highest SNR; the rest pair with silence (a miss or a "
               "false positive).", ""]
-    if figures is not None:
-        lines += [f"![confusion matrix]({FIGURES['confusion']})", ""]
     counts = np.array(report["confusion"]["counts"])
     used = [index for index in range(len(CONFUSION_LABELS)) if counts[index].any() or counts[:, index].any()]
     names = [CONFUSION_LABELS[index] for index in used]
     lines += _table(["reference \\ estimate"] + names,
                     [[name] + [int(counts[row, column]) or "." for column in used] for name, row in zip(names, used)])
 
-    lines += ["", "## Separation", "", f"SNR improvement (dB) of the correctly labelled sources"
+    lines += ["", "## Separation", "", "SNR improvement (dB) of the correctly labelled sources"
               + (", and with oracle labels" if oracle else "") + ":", ""]
-    if figures is not None:
-        lines += [f"![SDRi by class]({FIGURES['sdri_by_class']})", ""]
     header = ["class", "sources", "median", "25 %", "75 %"] + (["oracle sources", "oracle median"] if oracle else [])
     rows = [[row["class"], row["sources"], _cell(row["median"], 2), _cell(row["q1"], 2), _cell(row["q3"], 2)]
             + ([row["oracle_sources"], _cell(row["oracle_median"], 2)] if oracle else [])
@@ -366,79 +348,16 @@ def render_markdown(report: dict, figures: list[str] | None) -> str:
     return "\n".join(lines) + "\n"
 
 
-def figure_class():
-    """matplotlib's Figure class (no pyplot, so no display is needed), or None when matplotlib is missing."""
-    try:
-        from matplotlib.figure import Figure
-    except ImportError:
-        return None
-    return Figure
-
-
-def draw_figures(report: dict, values: dict, oracle_values: dict, folder: Path, figure) -> list[str]:
-    """confusion.png (heat map) and sdri_by_class.png (box plots of values and oracle_values, the class_sdri of
-    the system and of the oracle-label run) in folder -> their file names."""
-    counts = np.array(report["confusion"]["counts"])
-    plot = figure(figsize=(9, 8), layout="constrained")
-    axis = plot.subplots()
-    shade = np.log1p(counts)  # a log scale keeps the rare confusions visible next to the diagonal
-    image = axis.imshow(shade, cmap="Blues")
-    for (row, column), count in np.ndenumerate(counts):
-        if count:
-            axis.text(column, row, str(count), ha="center", va="center", fontsize=7,
-                      color="white" if shade[row, column] > 0.6 * shade.max() else "black")
-    ticks = range(len(CONFUSION_LABELS))
-    axis.set_xticks(ticks, CONFUSION_LABELS, rotation=90, fontsize=8)
-    axis.set_yticks(ticks, CONFUSION_LABELS, fontsize=8)
-    axis.set_xlabel("estimate label")
-    axis.set_ylabel("reference label")
-    axis.set_title(f"Reference and estimate labels of {report['mixtures']} mixtures")
-    plot.colorbar(image, ax=axis, label="log(1 + count)")
-    plot.savefig(folder / FIGURES["confusion"], dpi=100)
-
-    plot = figure(figsize=(10, 5), layout="constrained")
-    axis = plot.subplots()
-    positions = np.arange(len(LABELS))
-    legend = []
-    for class_values, offset, color, name in ((values, -0.2, "tab:blue", "system"),
-                                              (oracle_values, 0.2, "tab:orange", "oracle labels")):
-        present = [index for index, label in enumerate(LABELS) if class_values.get(label)]
-        if present:
-            boxes = axis.boxplot([class_values[LABELS[index]] for index in present],
-                                 positions=positions[present] + offset, widths=0.35, patch_artist=True,
-                                 boxprops={"facecolor": color}, medianprops={"color": "black"},
-                                 flierprops={"markersize": 3})
-            legend.append((boxes["boxes"][0], name))
-    axis.set_xticks(positions, LABELS, rotation=90, fontsize=8)
-    axis.set_xlim(-0.7, len(LABELS) - 0.3)
-    axis.set_ylabel("SDRi of correctly labelled sources (dB)")
-    axis.axhline(0.0, color="gray", linewidth=0.5)
-    if legend:
-        axis.legend([handle for handle, _ in legend], [name for _, name in legend])
-    plot.savefig(folder / FIGURES["sdri_by_class"], dpi=100)
-    return list(FIGURES.values())
-
-
 def write_report(folder: Path, results: dict, oracle_results: dict | None, system: dict, data: str) -> list[Path]:
-    """FOLDER/report.md, report.json and, with matplotlib, the figures -> the written paths (the caller made
-    sure no earlier report is in the way)."""
+    """FOLDER/report.md and report.json -> their paths (the caller made sure no earlier report is in the way)."""
     report = build_report(results, oracle_results, system, data)
     folder.mkdir(parents=True, exist_ok=True)
-    figure = figure_class()
-    figures = None
-    if figure is not None:
-        oracle_values = class_sdri(mixture_records(oracle_results, "oracle results")) if oracle_results else {}
-        figures = draw_figures(report, class_sdri(mixture_records(results, "results")), oracle_values, folder,
-                               figure)
-    report["figures"] = figures or []
-    (folder / "report.md").write_text(render_markdown(report, figures))
+    (folder / "report.md").write_text(render_markdown(report))
     (folder / "report.json").write_text(json.dumps(report, indent=2) + "\n")
-    return [folder / "report.md", folder / "report.json"] + [folder / name for name in figures or []]
+    return [folder / "report.md", folder / "report.json"]
 
 
-# ----------------------------------------------------------------------------------------------------------
-# --compare: paired differences with bootstrap intervals
-# ----------------------------------------------------------------------------------------------------------
+# ---- --compare: paired differences with bootstrap intervals ------------------------------------------------------
 def bootstrap_differences(data_a: dict, data_b: dict, members: np.ndarray) -> dict[str, np.ndarray]:
     """B - A of each statistic on BOOTSTRAP_RESAMPLES resamples (with replacement) of the mixtures `members`,
     each resample the same for both systems (paired) -> {key: [BOOTSTRAP_RESAMPLES]}.

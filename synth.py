@@ -53,10 +53,7 @@ class SceneConfig:
     direct_range_ms: tuple[float, float] = (6.0, 50.0)  # ms before / after the direct-path peak (dry target)
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Scene generation for training
-
-
+# ---- Scene generation for training -------------------------------------------------------------------------------
 def item_rng(seed, index):
     """The random.Random of one item: a pure function of (seed, index), independent of workers and machines."""
     state = np.random.SeedSequence([int(seed), int(index)]).generate_state(2, dtype=np.uint64)
@@ -165,10 +162,7 @@ class SceneGenerator:
         }
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Reading a scene: its events' audio and the rules of its format
-
-
+# ---- Reading a scene: its events' audio and the rules of its format ----------------------------------------------
 def scene_events(scene):
     """The events of a scene in render order: foreground by event_time, then interference by event_time."""
     foreground = sorted(scene.get("fg_events") or [], key=lambda event: event["event_time"])
@@ -225,13 +219,10 @@ class Renderer:
         return self._spectra
 
     def prepare(self, scene, num_channels=None, dry=True):
-        """The worker half of rendering: read, peak-normalise and place the events of a scene dict, no FFT.
-
-        Returns a record for stack_scenes. Per event (render order): its samples (float32, concatenated in
-        'sources'), length, onset and full convolution length in samples, dry-target slot (-1: none), target
-        level ref_db + snr (dB) and RIR key; the background float32 [C, L] at its level (zeros without one); the
-        foreground labels. SpAudSyn's int(time * sr) sample arithmetic, peak normalisation, multichannel files
-        averaged to mono. num_channels: the first channels of the room the mixture keeps (None = all)."""
+        """The worker half of rendering a scene dict (no FFT) -> a record for stack_scenes: per event (render order)
+        its samples (read with SpAudSyn's int(time * sr) arithmetic, mono, peak-normalised), length, onset, full
+        convolution length, dry-target slot (-1: none), level ref_db + snr and RIR key; the background [C, L] at its
+        level. num_channels: the first channels of the room the mixture keeps (None = all)."""
         config = scene["config"]
         if int(config["sr"]) != SAMPLE_RATE:
             raise ValueError(f"metadata sr {config['sr']}, expected {SAMPLE_RATE}")
@@ -274,9 +265,8 @@ class Renderer:
                     labels=[event["label"] for event in foreground])
 
     def _background(self, config, event, channels, length, stretch):
-        """(float32 [channels, L], float32 gain to ref_db + its snr over all channels and samples). A short file is
-        tiled (SpAudSyn) or has every sample repeated (SpatialScaper's np.repeat); a file whose channel count
-        differs from the room's is skipped with a warning, as SpAudSyn does."""
+        """(float32 [channels, L], gain to ref_db + snr over all channels and samples). A short file is tiled
+        (SpAudSyn) or has each sample repeated (SpatialScaper's np.repeat); another channel count is skipped."""
         path = resolve(self.dev_set, config["background_dir"], event["source_file"])
         if event.get("source_time") is not None:
             audio = read_audio(path, int(event["source_time"] * SAMPLE_RATE), length)
@@ -288,7 +278,7 @@ class Renderer:
             audio = (np.tile(audio, (1, repeat)) if stretch == "tile" else np.repeat(audio, repeat, axis=1))[:, :length]
         if len(audio) != channels:
             warnings.warn(f"{path}: {len(audio)}-channel background for a {channels}-channel room, skipped")
-            return audio[:0], np.float32(0)
+            return np.zeros((channels, length), np.float32), np.float32(0)
         if audio.shape[1] < length:
             audio = np.pad(audio, ((0, 0), (0, length - audio.shape[1])))
         # Mean square in float32 pairwise sums per channel (relative error ~1e-8), the channels added in float64.
@@ -321,6 +311,7 @@ class Renderer:
 
 
 def to_device(value, device):
+    """Tensors (also inside dicts) moved to the device without waiting for it; anything else as it is."""
     if torch.is_tensor(value):
         return value.to(device, non_blocking=True)
     if isinstance(value, dict):
@@ -328,10 +319,7 @@ def to_device(value, device):
     return value
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Rendering scene batches on any device
-
-
+# ---- Rendering scene batches on any device -----------------------------------------------------------------------
 def rfft(signal, length):
     """Real FFT of the last axis, zero-padded to `length` -> complex64 [..., length // 2 + 1] on signal's device.
     CPU tensors go through scipy's pocketfft (faster there than torch's at these lengths on one core, bench.py)."""
@@ -488,10 +476,7 @@ def render_scenes(scenes, spectra):
     return mixture, dry
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Datasets
-
-
+# ---- Datasets ----------------------------------------------------------------------------------------------------
 def label_vector(labels, mode="stack", silence_mode="zeros"):
     """Label list -> float32 tensor: 'stack' [n, K], 'concat' [n * K], 'multihot' [K]; K = 18 ('zeros': silence
     is an all-zero row) or 19 ('onehot': silence is class 18), as the official DatasetS3."""

@@ -26,13 +26,11 @@ import gc
 import json
 import math
 import os
-import platform
 import random
 import resource
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -42,11 +40,11 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
-from cli import add_config_flags, atomic_path, resolve_device, unknown_flags_message
+from cli import add_config_flags, atomic_path, cpu_has_native_bf16, resolve_device, unknown_flags_message
 from devset import LABELS, SAMPLE_RATE
 from metrics import (binary_cross_entropy, capi_sdri, class_aware_pit_snr_loss, label_accuracies, label_counts,
                      masked_snr_loss, pit_cross_entropy, snr64)
-from model import SeparatorConfig, TaggerConfig, build_separator, build_tagger, load_weights, read_checkpoint
+from model import Separator, SeparatorConfig, TaggerConfig, build_tagger, load_weights, read_checkpoint
 from synth import GeneratedDataset, MetadataDataset, Renderer, SceneConfig, collate
 
 TASKS = ("tagging", "separation")
@@ -57,7 +55,6 @@ M2D_WEIGHTS = "checkpoint/m2d_as_vit_base-80x1001p16x16p32k-240413_AS-FT_enconly
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)  # each asks for a stop after the current step
 REPEAT_SIGNAL_SECONDS = 5.0  # a signal repeated within this time is the same stop request (torchrun forwards it)
 STATUS_READ_SECONDS = 2.0  # longest wall time between two reads of the step status (loss, stop request)
-VALID_MEMORY_BYTES = 2 * 2**30  # per rank: a larger rendered validation set goes to files in the run folder
 DATA_HINT = ("Create the small demo set with `python data_prep.py demo` (writes data/dev_set), or check a full "
              "development set with `python data_prep.py verify --data DIR` and pass it as --data_root DIR.")
 
@@ -142,10 +139,7 @@ PRESETS = {
 OFFICIAL_PRESET = {"tagging": "m2dat_1c", "separation": "resunetk_capisdr"}
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Configuration: defaults < preset < --config < flags
-
-
+# ---- Configuration: defaults < preset < --config < flags ---------------------------------------------------------
 def format_flag(name: str, value) -> str:
     """A value as the flag that sets it: --lr 0.001, --no-tf32, --scene.snr_range 5.0 20.0."""
     if isinstance(value, bool):
@@ -153,12 +147,6 @@ def format_flag(name: str, value) -> str:
     if isinstance(value, (tuple, list)):
         return f"--{name} {' '.join(str(item) for item in value)}"
     return f"--{name} {value if value != '' else repr(value)}"
-
-
-def preset_values(task: str, preset: str) -> dict:
-    """{section: {field: value}}: the code defaults with a preset's recipe for a task applied."""
-    return {section: dataclasses.asdict(cls()) | PRESETS[preset][task].get(section, {})
-            for section, cls in SECTIONS.items()}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -171,14 +159,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--resume", action="store_true", help="continue the run in --out_dir from its last.pt")
     parser.add_argument("--print_config", action="store_true",
                         help="print the resolved configuration with the origin of each value, then exit")
-    official = {task: preset_values(task, preset) for task, preset in OFFICIAL_PRESET.items()}
     for section, cls in SECTIONS.items():
         tasks = [task for task in TASKS if MODEL_SECTION[task] == section] or list(TASKS)
-        shown = {}
-        for name in official[tasks[0]][section]:
-            values = {task: official[task][section][name] for task in tasks}
-            shown[name] = (repr(values[tasks[0]]) if len(set(map(repr, values.values()))) == 1 else
-                           ", ".join(f"{value!r} for {task}" for task, value in values.items()))
+        official = {task: dataclasses.asdict(cls()) | PRESETS[OFFICIAL_PRESET[task]][task].get(section, {})
+                    for task in tasks}
+        shown = {name: ", ".join(f"{official[task][name]!r} for {task}" for task in tasks)
+                 if len({repr(official[task][name]) for task in tasks}) > 1 else repr(official[tasks[0]][name])
+                 for name in official[tasks[0]]}
         # TrainConfig fields are plain flags (--lr); the others carry their section (--separator.base_channels).
         group = parser.add_argument_group(cls.__name__ if section == "train" else f"{cls.__name__} (--{section}.*)")
         add_config_flags(group, cls, prefix="" if section == "train" else f"{section}.", dest_prefix=f"{section}.",
@@ -195,8 +182,7 @@ def resolve_config(argv=None) -> tuple[argparse.Namespace, TrainConfig, object, 
     flags = {section: {} for section in SECTIONS}
     for dest, value in vars(cli).items():
         if "." in dest:
-            section, key = dest.split(".", 1)
-            flags[section][key] = value
+            flags[dest.split(".")[0]][dest.split(".", 1)[1]] = value
     config_path = cli.config
     if cli.resume and not config_path:
         if not flags["train"].get("out_dir"):
@@ -253,9 +239,7 @@ def resolve_config(argv=None) -> tuple[argparse.Namespace, TrainConfig, object, 
     if not values["train"]["out_dir"]:
         values["train"]["out_dir"], origins["train"]["out_dir"] = f"runs/{task}_{preset}", "runs/<task>_<preset>"
     try:
-        train = TrainConfig(**values["train"])
-        model = SECTIONS[model_section](**values[model_section])
-        scene = SceneConfig(**values["scene"])
+        train, model, scene = (SECTIONS[name](**values[name]) for name in ("train", model_section, "scene"))
     except (TypeError, ValueError) as error:
         raise SystemExit(f"invalid configuration: {error}")
     if cli.print_config:
@@ -278,13 +262,12 @@ def check_train_config(config: TrainConfig, model_config) -> None:
     for name, valid in choices.items():
         if getattr(config, name) not in valid:
             raise SystemExit(f"--{name} {getattr(config, name)!r}: expected one of {', '.join(valid)}")
-    for name in ("max_steps", "batch_size", "global_batch", "log_interval", "eval_batch_size", "checkpoint_interval"):
-        if getattr(config, name) < 1:
-            raise SystemExit(f"--{name} must be at least 1, got {getattr(config, name)}")
-    if config.num_workers < -1:
-        raise SystemExit(f"--num_workers must be -1 (automatic) or at least 0, got {config.num_workers}")
-    if config.rir_cache_megabytes < 0:
-        raise SystemExit(f"--rir_cache_megabytes must be at least 0, got {config.rir_cache_megabytes}")
+    minimum = dict.fromkeys(("max_steps", "batch_size", "global_batch", "log_interval", "eval_batch_size",
+                             "checkpoint_interval", "eval_interval"), 1) | {"num_workers": -1, "rir_cache_megabytes": 0}
+    for name, least in minimum.items():
+        if getattr(config, name) < least:
+            raise SystemExit(f"--{name} must be at least {least}{' (-1: automatic)' * (least == -1)}, got "
+                             f"{getattr(config, name)}")
     if loss_name(config, model_config) == "snr" and model_config.num_slots != 1:
         raise SystemExit("--loss snr trains a single-query separator: set --separator.num_slots 1")
     if config.init_optimizer and not config.init_from:
@@ -303,25 +286,21 @@ def loss_name(config: TrainConfig, model_config) -> str:
     return "snr" if model_config.num_slots == 1 else "class_aware_pit_snr"
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Set-up: processes, batch split, model and optimizer, checkpoints
-
-
-def setup_distributed(device_name: str) -> tuple[int, int, int, torch.device]:
-    """(rank, local_rank, world_size, device) from torchrun's environment; a plain run is rank 0 of 1."""
-    rank, local_rank, world_size = (int(os.environ.get(name, 0 if name != "WORLD_SIZE" else 1))
-                                    for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE"))
+# ---- Set-up: processes, batch split, model and optimizer, checkpoints --------------------------------------------
+def setup_distributed(device_name: str) -> tuple[int, int, torch.device]:
+    """(rank, world_size, device) from torchrun's environment; a plain run is rank 0 of 1."""
+    rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     try:
         device = resolve_device(device_name)
     except ValueError as error:
         raise SystemExit(str(error))
     if device.type == "cuda":
-        device = torch.device("cuda", local_rank)
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
         torch.cuda.set_device(device)
     if world_size > 1:  # device_id binds NCCL to this rank's GPU at once instead of at the first collective
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo", rank=rank, world_size=world_size,
                                 device_id=device if device.type == "cuda" else None)
-    return rank, local_rank, world_size, device
+    return rank, world_size, device
 
 
 def split_batch(global_batch: int, world_size: int, batch_size: int, exact: bool) -> tuple[int, int]:
@@ -343,16 +322,6 @@ def split_batch(global_batch: int, world_size: int, batch_size: int, exact: bool
                          f"(--global_batch {global_batch} / world size {world_size}): use --batch_size {options}, "
                          "or another --global_batch")
     return batch_size, per_device // batch_size
-
-
-def cpu_has_native_bf16() -> bool | None:
-    """Whether torch computes bf16 on this CPU in hardware (AVX512-BF16 or AMX, with torch's AVX512 kernels in use);
-    elsewhere bf16 is emulated and several times slower than fp32. None on other architectures (not detected)."""
-    if platform.machine().lower() not in ("x86_64", "amd64"):
-        return None
-    hardware = any(getattr(torch.cpu, check, lambda: False)()
-                   for check in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
-    return hardware and torch.backends.cpu.get_cpu_capability().startswith("AVX512")
 
 
 def freeze_unused_parameters(model: torch.nn.Module, task: str) -> list[str]:
@@ -379,10 +348,8 @@ def config_differences(saved, current, section: str) -> str:
     field that differs (fine-tuning set and M2D weight file do not change the layout)."""
     saved, current = (json.loads(json.dumps(dataclasses.asdict(config))) for config in (saved, current))
     keys = [key for key in current if key not in ("finetuning", "m2d_weights") and saved.get(key) != current[key]]
-    if not keys:
-        return ""
     return (f"checkpoint has {' and '.join(f'{section}.{key} {saved.get(key)}' for key in keys)}, this run "
-            f"{' and '.join(str(current.get(key)) for key in keys)}")
+            f"{' and '.join(str(current.get(key)) for key in keys)}") if keys else ""
 
 
 def map_optimizer_state(saved: dict, saved_names: list[str], model: torch.nn.Module, path: str) -> dict:
@@ -422,7 +389,7 @@ def setup_model(cli, config: TrainConfig, model_config, device: torch.device, wo
     -> (config with the lr in force, model, optimizer, scaler, step, best validation loss, frozen names)."""
     kind = MODEL_SECTION[config.task]
     try:
-        model = build_tagger(model_config) if kind == "tagger" else build_separator(model_config)
+        model = build_tagger(model_config) if kind == "tagger" else Separator(model_config)
     except (OSError, ValueError) as error:
         raise SystemExit(f"cannot build the {kind}: {error}\n(the official taggers start from the M2D weight file, "
                          "see the README; --tagger.m2d_weights '' starts from random weights)")
@@ -437,14 +404,12 @@ def setup_model(cli, config: TrainConfig, model_config, device: torch.device, wo
                 raise ValueError(f"{path}: {difference}")
             skipped = load_weights(model, checkpoint.weights, path, strict=cli.resume or not config.init_non_strict)
         except ValueError as error:
-            hint = "; --init_non_strict loads the matching tensors only" if flag == "--init_from" and \
-                "do not fit" in str(error) else ""
+            hint = "; --init_non_strict loads the matching tensors only" * ("do not fit" in str(error) and not cli.resume)
             raise SystemExit(f"{flag} {error}{hint}")
         if skipped:
             say(f"--init_non_strict: loaded the tensors of {path} that fit; left out: {skipped}")
-        if cli.resume:
-            optimizer_state = checkpoint.optimizer
-        elif config.init_optimizer:
+        optimizer_state = checkpoint.optimizer if cli.resume else None
+        if config.init_optimizer and not cli.resume:
             if checkpoint.optimizer is None or checkpoint.parameter_names is None:
                 raise SystemExit(f"--init_optimizer: {config.init_from} holds no optimizer state (best.pt keeps the "
                                  "weights only): use the run's last.pt, or --no-init_optimizer")
@@ -465,30 +430,26 @@ def setup_model(cli, config: TrainConfig, model_config, device: torch.device, wo
     scaler = torch.amp.GradScaler(device.type, enabled=config.dtype == "fp16")
     if optimizer_state is not None:
         load_optimizer_state(optimizer, optimizer_state)
-    step, best_loss = 0, math.inf
-    if cli.resume:
-        scaler.load_state_dict(checkpoint.saved["scaler"])
-        step, best_loss = checkpoint.saved["step"], checkpoint.saved["best_metric"]
-        rng = checkpoint.saved["rng"]  # set after the probe pass of freeze_unused_parameters, which draws numbers
-        random.setstate(rng["python"])
-        np.random.set_state(rng["numpy"])
-        torch.set_rng_state(rng["torch"])
-        if rng["cuda"] and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(rng["cuda"])
-    return config, model, optimizer, scaler, step, best_loss, unused
+    if not cli.resume:
+        return config, model, optimizer, scaler, 0, math.inf, unused
+    saved = checkpoint.saved
+    scaler.load_state_dict(saved["scaler"])
+    random.setstate(saved["rng"]["python"])  # after the probe pass of freeze_unused_parameters, which draws numbers
+    np.random.set_state(saved["rng"]["numpy"])
+    torch.set_rng_state(saved["rng"]["torch"])
+    if saved["rng"]["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(saved["rng"]["cuda"])
+    return config, model, optimizer, scaler, saved["step"], saved["best_metric"], unused
 
 
 def code_version() -> str:
-    """Short git hash of the code, '<hash>-dirty' when tracked files have uncommitted changes, or 'unknown'."""
-    def git(*args: str) -> str:
-        return subprocess.run(["git", *args], capture_output=True, text=True, timeout=5,
-                              cwd=Path(__file__).resolve().parent).stdout.strip()
+    """Short git hash of the code, '<hash>-dirty' with uncommitted changes to tracked files, or 'unknown'."""
     try:
-        commit = git("rev-parse", "--short", "HEAD")
-        dirty = commit and git("status", "--porcelain", "--untracked-files=no")
-        return (commit + "-dirty" * bool(dirty)) if commit else "unknown"
+        git = [subprocess.run(["git", *args], capture_output=True, text=True, timeout=5, cwd=Path(__file__).parent)
+               .stdout.strip() for args in (("rev-parse", "--short", "HEAD"), ("status", "-s", "-uno"))]
     except (OSError, subprocess.SubprocessError):
         return "unknown"
+    return (git[0] + "-dirty" * bool(git[1])) if git[0] else "unknown"
 
 
 def check_config_json(out_dir: Path, record: dict) -> None:
@@ -509,31 +470,18 @@ def check_config_json(out_dir: Path, record: dict) -> None:
                          f"{'; ...' if len(differences) > 3 else ''}); choose another --out_dir or delete it")
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Data: the dev-set check, the step-numbered scene stream, loaders, the validation set rendered once
-
-
+# ---- Data: the dev-set check, the step-numbered scene stream, loaders, the validation set rendered once ----------
 def check_data_root(root: Path, scene: SceneConfig) -> None:
-    """Fail early, naming the commands that fix it, when the dev set lacks what training reads."""
+    """Fail early, naming the commands that fix it, when the dev set lacks a folder training reads (the files in
+    them are checked by DataIndex)."""
     needed = ["sound_event/train", "noise/train", "room_ir/train", "metadata/valid.json"]
     needed += ["interference/train"] if max(scene.interference_range) > 0 else []
     problems = [f"{root / name} is missing" + (" (the official layout splits each source folder into train/ and "
                                                "valid/)" if (root / name.split("/")[0]).is_dir() else "")
                 for name in needed if not (root / name).exists()]
-    if not problems:
-        if not any((root / "room_ir" / "train").rglob("*.sofa")):
-            problems.append(f"{root / 'room_ir/train'} holds no .sofa room files")
-        missing = [label for label in LABELS if not (root / "sound_event" / "train" / label).is_dir()]
-        if missing:
-            problems.append(f"{root / 'sound_event/train'} lacks the class folders {', '.join(missing)}")
-        if max(scene.interference_range) > 0 and not any(p.is_dir() for p in (root / "interference/train").iterdir()):
-            problems.append(f"{root / 'interference/train'} holds no class folders (scene.interference_range "
-                            f"{scene.interference_range}; `python data_prep.py add-data` adds them)")
-        try:
-            entries = json.loads((root / "metadata" / "valid.json").read_text())
-            assert isinstance(entries, list) and entries
-        except (OSError, ValueError, AssertionError):
-            problems.append(f"{root / 'metadata/valid.json'} is not a non-empty JSON list of metadata entries")
+    if not problems and max(scene.interference_range) > 0 and not any((root / "interference/train").iterdir()):
+        problems.append(f"{root / 'interference/train'} holds no class folders (scene.interference_range "
+                        f"{scene.interference_range}; `python data_prep.py add-data` adds them)")
     if problems:
         raise SystemExit(f"data root {root} is not a usable dev_set: {'; '.join(problems)}.\n{DATA_HINT}")
 
@@ -556,25 +504,18 @@ def default_num_workers() -> int:
     return max(1, cores // int(os.environ.get("LOCAL_WORLD_SIZE", 1)) - 1)
 
 
-class StepBatches(torch.utils.data.Sampler):
-    """Scene numbers of every micro-batch this rank trains on from `start` to `max_steps`: a function of (step,
-    micro-step, rank, item) only, so a resumed run sees exactly the scenes the uninterrupted run would have seen."""
+def scene_number(step: int, micro_step: int, accumulation: int, rank: int, world_size: int, batch_size: int) -> int:
+    """The first training scene of a micro-batch: a function of (step, micro-step, rank) only, so that every rank
+    and worker draws distinct scenes and a resumed run sees exactly the scenes of an uninterrupted one."""
+    return ((step * accumulation + micro_step) * world_size + rank) * batch_size
 
-    def __init__(self, start, max_steps, accumulation, rank, world_size, batch_size):
-        self.start, self.max_steps, self.accumulation = start, max_steps, accumulation
-        self.rank, self.world_size, self.batch_size = rank, world_size, batch_size
 
-    def first_index(self, step: int, micro_step: int) -> int:
-        return ((step * self.accumulation + micro_step) * self.world_size + self.rank) * self.batch_size
-
-    def __iter__(self):
-        for step in range(self.start, self.max_steps):
-            for micro_step in range(self.accumulation):
-                first = self.first_index(step, micro_step)
-                yield list(range(first, first + self.batch_size))
-
-    def __len__(self) -> int:
-        return (self.max_steps - self.start) * self.accumulation
+def step_batches(start: int, max_steps: int, accumulation: int, rank: int, world_size: int, batch_size: int):
+    """The scene numbers of every micro-batch this rank trains on (a DataLoader batch_sampler)."""
+    for step in range(start, max_steps):
+        for micro_step in range(accumulation):
+            first = scene_number(step, micro_step, accumulation, rank, world_size, batch_size)
+            yield list(range(first, first + batch_size))
 
 
 def ignore_stop_signals(worker_id: int) -> None:
@@ -591,52 +532,7 @@ def make_loader(dataset, workers: int, config, device, persistent: bool, **optio
                                        **options)
 
 
-class ValidationSet:
-    """This rank's validation mixtures, rendered once (at the first validation) and kept: in memory up to
-    VALID_MEMORY_BYTES, else in memory-mapped files in the run folder, unlinked at creation so that they vanish with
-    the process. Iterating yields batches on the device."""
-
-    def __init__(self, loader, renderer: Renderer, count: int, batch_size: int, folder: Path):
-        self.loader, self.renderer, self.count, self.batch_size, self.folder = loader, renderer, count, batch_size, folder
-        self.stored = None  # key -> tensor [count, ...] or list [count]
-
-    def _render(self) -> dict:
-        stored, start = {}, 0
-        for batch in self.loader:
-            batch = {key: value for key, value in self.renderer(batch).items() if key != "metadata"}
-            if not stored:
-                in_memory = self.count * sum(value[0].nbytes for value in batch.values()
-                                             if torch.is_tensor(value)) <= VALID_MEMORY_BYTES
-                for key, value in batch.items():
-                    shape = (self.count, *value.shape[1:]) if torch.is_tensor(value) else None
-                    if shape is None:
-                        stored[key] = []
-                    elif in_memory:
-                        stored[key] = torch.empty(shape, dtype=value.dtype)
-                    else:
-                        self.folder.mkdir(parents=True, exist_ok=True)
-                        dtype = torch.empty(0, dtype=value.dtype).numpy().dtype
-                        file = tempfile.TemporaryFile(dir=self.folder)
-                        stored[key] = torch.from_numpy(np.memmap(file, dtype, "w+", shape=shape))
-            for key, value in batch.items():
-                if torch.is_tensor(value):
-                    stored[key][start:start + len(value)].copy_(value)
-                else:
-                    stored[key] += value
-            start += len(batch["label"])
-        return stored
-
-    def __iter__(self):
-        if self.stored is None:
-            self.stored = self._render()
-        for start in range(0, self.count, self.batch_size):
-            yield self.renderer({key: value[start:start + self.batch_size] for key, value in self.stored.items()})
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Loss, validation, learning rate
-
-
+# ---- Loss, validation, learning rate -----------------------------------------------------------------------------
 def compute_loss(model, batch: dict, loss: str, generator: torch.Generator | None = None) -> tuple:
     """(loss, model output) of one batch; the loss is a float64 scalar. For the 2025 single-query ResUNet ('snr'),
     training picks one non-silent slot per mixture from `generator` (the official one-label training);
@@ -667,13 +563,13 @@ def compute_loss(model, batch: dict, loss: str, generator: torch.Generator | Non
 
 
 @torch.no_grad()
-def validate(model, loader, config: TrainConfig, loss: str, autocast, world_size: int, stop) -> dict:
+def validate(model, batches, config: TrainConfig, loss: str, autocast, world_size: int, stop) -> dict:
     """Validation loss over this rank's share of valid.json, plus CAPI-SDRi with oracle labels (separation) or the
     label accuracies (tagging, by the tagger's predict rule), gathered over ranks. A stop request ends it after
     the current batch: the result then covers fewer mixtures."""
     model.eval()
     records, scores = [], []  # (loss, mixtures) per batch; per-mixture scores
-    for batch in loader:  # already on the device
+    for batch in batches:  # on the device, rendered
         with autocast:
             value, estimated = compute_loss(model, batch, loss)  # separation: estimated [B, 3, L]
         if config.task == "tagging":
@@ -709,10 +605,7 @@ def learning_rate(step: int, config: TrainConfig) -> float:
     return config.min_lr + 0.5 * (config.lr - config.min_lr) * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Stop requests and the step status every rank reads together
-
-
+# ---- Stop requests and the step status every rank reads together -------------------------------------------------
 class StopRequest:
     """SIGINT, SIGTERM and SIGHUP as a request to stop after the current step. torchrun forwards every signal it
     gets and schedulers signal every process, so a rank often gets one request twice within milliseconds: a signal
@@ -784,13 +677,10 @@ class StepStatus:
         return report
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Main
-
-
+# ---- Main --------------------------------------------------------------------------------------------------------
 def main(argv=None) -> None:
     cli, config, model_config, scene, preset = resolve_config(argv)
-    rank, local_rank, world_size, device = setup_distributed(config.device)
+    rank, world_size, device = setup_distributed(config.device)
     handlers = {signum: signal.getsignal(signum) for signum in STOP_SIGNALS}
     try:
         train(cli, config, model_config, scene, preset, rank, world_size, device)
@@ -848,20 +738,19 @@ def train(cli, config: TrainConfig, model_config, scene: SceneConfig, preset: st
     render_on = config.render_on if config.render_on != "auto" else "device" if device.type == "cuda" else "workers"
     workers = config.num_workers if config.num_workers >= 0 else default_num_workers()
     options = dataset_options(config.task, model_config) | dict(render=render_on == "workers")
-    sampler = StepBatches(step, config.max_steps, accumulation, rank, world_size, config.batch_size)
+    numbering = (accumulation, rank, world_size, config.batch_size)
     try:
         train_set = GeneratedDataset(data_root, scene, length=config.max_steps * config.global_batch, seed=config.seed,
                                      **options)
         valid_set = MetadataDataset(data_root / "metadata" / "valid.json", data_root=data_root, **options)
-    except (OSError, ValueError, KeyError) as error:
-        raise SystemExit(f"data root {data_root}: {error}\n{DATA_HINT}")
+    except (OSError, ValueError, KeyError) as error:  # every problem of the dev set, in one line
+        raise SystemExit(f"data root {data_root}: {'; '.join(map(str.strip, str(error).splitlines()))}\n{DATA_HINT}")
     valid_count = min(len(valid_set), config.eval_mixtures or len(valid_set))
     valid_set = torch.utils.data.Subset(valid_set, range(rank, valid_count, world_size))
     renderer = Renderer(data_root, device, config.rir_cache_megabytes)
-    train_loader = make_loader(train_set, workers, config, device, True, batch_sampler=sampler)
-    valid_loader = ValidationSet(make_loader(valid_set, min(workers, 2), config, device, False,
-                                             batch_size=config.eval_batch_size),
-                                 renderer, len(valid_set), config.eval_batch_size, out_dir)
+    train_loader = make_loader(train_set, workers, config, device, True,
+                               batch_sampler=step_batches(step, config.max_steps, *numbering))
+    valid_loader = make_loader(valid_set, min(workers, 2), config, device, False, batch_size=config.eval_batch_size)
 
     # Run folder, resolved configuration and start-up summary.
     record = {"preset": preset, "train": dataclasses.asdict(config), kind: dataclasses.asdict(model_config),
@@ -942,7 +831,7 @@ def train(cli, config: TrainConfig, model_config, scene: SceneConfig, preset: st
             batch = renderer(batch)  # on the device, rendered
             generator = None
             if loss == "snr":  # the 2025 single-query draw, a function of the scene number like the data
-                generator = torch.Generator().manual_seed(config.seed + sampler.first_index(step, micro_step))
+                generator = torch.Generator().manual_seed(config.seed + scene_number(step, micro_step, *numbering))
             with nullcontext() if world_size == 1 or micro_step == accumulation - 1 else train_model.no_sync():
                 with autocast:
                     value = compute_loss(train_model, batch, loss, generator)[0]
@@ -986,7 +875,8 @@ def train(cli, config: TrainConfig, model_config, scene: SceneConfig, preset: st
 
         stopped = report["stop"]
         if not stopped and (step % config.eval_interval == 0 or step == config.max_steps):
-            result = validate(model, valid_loader, config, loss, autocast, world_size, stop)
+            result = validate(model, (renderer(batch) for batch in valid_loader), config, loss, autocast,
+                              world_size, stop)
             stopped = stop.agreed(device, world_size)  # a stop during validation ends it early on that rank
             if result["mixtures"] == valid_count:
                 improved = result["loss"] < best_loss

@@ -5,7 +5,6 @@ The tagger's silence logits are biased so that slot 0 is always silent (it must 
 """
 import dataclasses
 import json
-import os
 import subprocess
 import sys
 import zipfile
@@ -200,28 +199,6 @@ def test_float_waveforms_rescore_to_the_same_numbers(checkpoints, data, tmp_path
         assert first["est_labels"] == second["est_labels"]
         value, rescored_value = first["metrics"][0]["value"], second["metrics"][0]["value"]
         assert (value is None and rescored_value is None) or value == pytest.approx(rescored_value, abs=1e-4)
-
-
-def test_plots_or_a_clear_message(checkpoints, data, tmp_path):
-    # Whatever is installed: a matplotlib that cannot be imported gives the message before any work is done.
-    fake = tmp_path / "fake" / "matplotlib"
-    fake.mkdir(parents=True)
-    (fake / "__init__.py").write_text("raise ImportError('no matplotlib here')\n")
-    environment = os.environ | {"PYTHONPATH": str(fake.parent)}
-    missing = run(*system_arguments(checkpoints, data), "--out", tmp_path / "missing", "--plots", 1, env=environment)
-    assert missing.returncode != 0 and "pip install matplotlib" in missing.stderr
-    assert not (tmp_path / "missing").exists()
-
-    result = run(*system_arguments(checkpoints, data), "--out", tmp_path / "out", "--plots", 2)
-    try:
-        import matplotlib  # noqa: F401
-    except ImportError:
-        assert result.returncode != 0 and "pip install matplotlib" in result.stderr
-        return
-    assert result.returncode == 0, result.stderr
-    plots = sorted((tmp_path / "out" / "plots").iterdir())
-    assert [path.name for path in plots] == ["soundscape_0000.png", "soundscape_0001.png"]
-    assert all(path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for path in plots)
 
 
 def test_submission_package(checkpoints, data, tmp_path, monkeypatch, capsys):
