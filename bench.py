@@ -52,32 +52,27 @@ def machine(device: torch.device) -> dict:
                     if line.startswith("model name"))
     except (OSError, StopIteration):
         pass
-    native = cpu_has_native_bf16()
     return {"cpu": name, "cpu_kernels": torch.backends.cpu.get_cpu_capability(), "threads": torch.get_num_threads(),
-            "bf16_on_cpu": {True: "native", False: "emulated", None: "not detected"}[native],
+            "bf16_on_cpu": {True: "native", False: "emulated", None: "not detected"}[cpu_has_native_bf16()],
             "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else "none",
             "torch": torch.__version__, "python": platform.python_version()}
 
 
 def timed(function, repeats: int, device) -> float:
     """Median wall seconds of `function` over `repeats` calls after one warm-up (waits for the GPU)."""
-    function()
-    times = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
+    def once():  # each call ends with the GPU idle, so the next one starts clean
         start = time.perf_counter()
         function()
         if device.type == "cuda":
             torch.cuda.synchronize(device)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        return time.perf_counter() - start
+    once()
+    return statistics.median([once() for _ in range(repeats)])
 
 
 # ---- Sections: each returns rows (item, value, unit) -------------------------------------------------------------
 def bench_synthesis(config: BenchConfig, device, data: Path) -> list:
-    """Worker ms per mixture (scene draw + reading + collate), device mixtures/s rendering whole batches (warm RIR
-    cache), a worker rendering one mixture at a time, and `data_prep.py render` of the validation metadata."""
+    """Worker ms per mixture, device mixtures/s on whole batches, one-at-a-time rendering, `data_prep.py render`."""
     rows, count, threads = [], 32 if config.quick else 96, torch.get_num_threads()
     torch.set_num_threads(1)  # a loader worker's view: one core
     styles = (("tagger-style (1 channel, no dry)", synth.SceneConfig(nevent_range=(0, 3)),
@@ -131,15 +126,15 @@ def bench_models(config: BenchConfig, device) -> list:
                 module.zero_grad(set_to_none=True)
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
-            rows.append((f"models: {name}, {variant}, fwd+bwd batch 2 x {seconds:g} s",
-                         1000 * timed(step, 2 if config.quick else 5, device), "ms"))
+            milliseconds = 1000 * timed(step, 2 if config.quick else 5, device)
+            memory = f" ({torch.cuda.max_memory_allocated(device) / 2**30:.2f} GB)" if device.type == "cuda" else ""
+            rows.append((f"models: {name}, {variant}, fwd+bwd batch 2 x {seconds:g} s", milliseconds, "ms" + memory))
         module.cpu()
     return rows
 
 
 def bench_training(config: BenchConfig, device, data: Path) -> list:
-    """The official recipes as train.py runs them (their per-device batch, random initial weights): ms/step,
-    mixtures/s, data wait and memory of the last log window."""
+    """The official recipes as train.py runs them (per-device batch, random weights): the last log window's numbers."""
     rows, window = [], (2 if device.type == "cpu" else 10 if config.quick else 30)
     variants = [("fp32", [])] + ([("bf16", ["--dtype", "bf16"]), ("bf16 + compile", ["--dtype", "bf16", "--compile"])]
                                  if device.type == "cuda" else [])

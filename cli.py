@@ -30,10 +30,8 @@ def field_comments(cls) -> dict[str, str]:
 
 def add_config_flags(parser, cls, prefix: str = "", dest_prefix: str | None = None, layered: bool = False,
                      shown: dict | None = None) -> None:
-    """One flag per field of dataclass `cls`; the value lands in `dest_prefix + name` (default: the prefix).
-
-    layered=True leaves unset flags out of the namespace, so a caller can stack defaults < preset < file < flags;
-    `shown` replaces the defaults printed by --help (e.g. the values a preset gives)."""
+    """One flag per field of dataclass `cls`, its value in `dest_prefix + name`. layered=True leaves unset flags out, so
+    a caller can stack defaults < preset < file < flags; `shown` replaces the defaults --help prints."""
     dest_prefix = prefix if dest_prefix is None else dest_prefix
     comments, defaults = field_comments(cls), cls()
     for field in dataclasses.fields(cls):
@@ -94,8 +92,7 @@ def unknown_flags_message(unknown: list[str], parser, arguments=None) -> str:
 
 
 class StrictParser(argparse.ArgumentParser):
-    """No abbreviated flags (so `--sep` never silently means `--separator`), unknown flags answered by
-    unknown_flags_message, every error one line without the usage block; sub-command parsers are strict too."""
+    """No abbreviated flags (`--sep` never silently means `--separator`), unknown_flags_message, one-line errors."""
 
     def __init__(self, **options):
         options.setdefault("formatter_class", argparse.RawDescriptionHelpFormatter)
@@ -128,8 +125,7 @@ def resolve_device(name: str) -> torch.device:
 
 
 def cpu_has_native_bf16() -> bool | None:
-    """Whether torch computes bf16 on this CPU in hardware (AVX512-BF16 or AMX, with torch's AVX512 kernels in use);
-    elsewhere bf16 is emulated and several times slower than fp32. None on other architectures (not detected)."""
+    """Whether torch computes bf16 in hardware here (AVX512-BF16 or AMX, AVX512 kernels); None when not x86."""
     if platform.machine().lower() not in ("x86_64", "amd64"):
         return None
     hardware = any(getattr(torch.cpu, check, lambda: False)()
@@ -139,8 +135,7 @@ def cpu_has_native_bf16() -> bool | None:
 
 @contextlib.contextmanager
 def atomic_path(path):
-    """A temporary name next to `path` for the block to write; renamed to `path` only when the block succeeds,
-    so a reader never sees a half-written file and an interrupted write leaves nothing behind."""
+    """A temporary name next to `path` for the block to write, renamed to `path` only when the block succeeds."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     temporary = path.with_name(f".{path.name}.{os.getpid()}.partial")

@@ -1,5 +1,4 @@
-"""Data tooling: a procedural demo dev set, a layout/format checker, the official add-data step and rendering
-of SpAudSyn metadata to WAV files. Every command takes the dev-set folder, which may live anywhere.
+"""Data tooling: a procedural demo dev set, a checker, the official add-data step and metadata rendered to WAVs.
 
     python data_prep.py demo [--out data]                    # writes data/dev_set (seconds)
     python data_prep.py demo --out bench --rir_length 174763 --event_seconds_max 10   # dev-set-like rooms
@@ -27,10 +26,9 @@ import torch
 import torchaudio
 
 from cli import StrictParser, add_config_flags, config_from_args
-from devset import (LABELS, SAMPLE_RATE, SPLITS, DataIndex, audio_info, find_dev_set, metadata_files,
-                    open_room, resolve, write_audio)
+from devset import LABELS, SAMPLE_RATE, SPLITS, DataIndex, cartesian, find_dev_set, metadata_files, write_audio
 from evaluate import check_inputs
-from synth import GeneratedDataset, Renderer, SceneConfig, scene_rules
+from synth import GeneratedDataset, Renderer, SceneConfig
 
 SPEED_OF_SOUND = 343.0  # m/s
 MIC_POSITIONS = 0.042 * np.array([[1, 1, 1], [1, -1, -1], [-1, 1, -1], [-1, -1, 1]]) / np.sqrt(3)  # m, tetrahedron
@@ -170,23 +168,16 @@ def write_sofa(path, responses, spherical_positions, sample_rate=SAMPLE_RATE):
             ir.dims[axis].attach_scale(file[name])
         file.create_dataset("Data.SamplingRate", data=[float(sample_rate)]).attrs["Units"] = b"hertz"
         file.create_dataset("Data.Delay", data=np.zeros((1, responses.shape[1])))
-        source = file.create_dataset("SourcePosition", data=spherical_positions)
-        source.attrs.update({"Type": b"spherical", "Units": b"degree, degree, metre"})
-        listener = file.create_dataset("ListenerPosition", data=np.zeros((1, 3)))
-        listener.attrs.update({"Type": b"cartesian", "Units": b"metre"})
-        receiver = file.create_dataset("ReceiverPosition", data=MIC_POSITIONS)
-        receiver.attrs.update({"Type": b"cartesian", "Units": b"metre"})
+        positions = (("SourcePosition", spherical_positions, b"spherical", b"degree, degree, metre"),
+                     ("ListenerPosition", np.zeros((1, 3)), b"cartesian", b"metre"),
+                     ("ReceiverPosition", MIC_POSITIONS, b"cartesian", b"metre"))
+        for name, values, kind, units in positions:
+            file.create_dataset(name, data=values).attrs.update({"Type": kind, "Units": units})
 
 
 # ---- Rendering metadata to files ---------------------------------------------------------------------------------
 def render_metadata(metadata_path, out_dir, data_root=None, subtype="FLOAT", cache_megabytes=RENDER_CACHE_MEGABYTES):
-    """Render every mixture of valid.json (or a folder of JSONs) to OUT/soundscape/<name>.wav and
-    OUT/oracle_target/<name>_<slot>_<label>.wav; returns the number of mixtures.
-
-    data_root: the dev set the metadata paths refer to (None: the dev set holding the metadata). Files that
-    already hold the same audio are kept. Mixtures rendered before are checked first, so that a file with other
-    content stops the run before new mixtures are written.
-    """
+    """Every mixture of metadata to OUT/soundscape/ and OUT/oracle_target/ (existing files checked first) -> count."""
     out_dir = Path(out_dir)
     files = [path for path, _ in metadata_files(metadata_path)]
     renderer = Renderer(data_root if data_root is not None else find_dev_set(metadata_path), "cpu", cache_megabytes)
@@ -206,24 +197,19 @@ def render_metadata(metadata_path, out_dir, data_root=None, subtype="FLOAT", cac
 def _save_scenes(dataset, count, folder):
     """Write count generated scenes as metadata JSONs soundscape_0000.json, ...; returns their names."""
     folder.mkdir(parents=True, exist_ok=True)
-    names = []
-    for number in range(count):
-        name = "soundscape_%04d" % number
+    names = ["soundscape_%04d" % number for number in range(count)]
+    for number, name in enumerate(names):
         (folder / f"{name}.json").write_text(json.dumps(dataset.scene(number), indent=1))
-        names.append(name)
     return names
 
 
 def _write_rooms(folder, count, first_decay, config, rng):
     """count SOFA rooms of 48 positions (radius 0.75 / 1.5 m, elevation 0 / 20 degrees, every 30 degrees)."""
     folder.mkdir(parents=True, exist_ok=True)
+    spherical = np.array([[azimuth, elevation, radius] for radius in (0.75, 1.5) for elevation in (0.0, 20.0)
+                          for azimuth in range(0, 360, 30)], dtype=np.float64)
     for number in range(count):
-        spherical = np.array([[azimuth, elevation, radius] for radius in (0.75, 1.5) for elevation in (0.0, 20.0)
-                              for azimuth in range(0, 360, 30)], dtype=np.float64)
-        azimuth, elevation = np.deg2rad(spherical[:, 0]), np.deg2rad(spherical[:, 1])
-        cartesian = spherical[:, 2:] * np.stack([np.cos(azimuth) * np.cos(elevation),
-                                                 np.sin(azimuth) * np.cos(elevation), np.sin(elevation)], axis=1)
-        responses = room_responses(cartesian, config.rir_length, first_decay + 0.2 * number, rng)
+        responses = room_responses(cartesian(spherical), config.rir_length, first_decay + 0.2 * number, rng)
         write_sofa(folder / f"room_{number:02d}.sofa", responses, spherical)
 
 
@@ -263,11 +249,7 @@ def _build_demo(dev_set, config):
 
 
 def make_demo(out="data", config=None):
-    """Write the procedural demo dev set to OUT/dev_set and return its path. Deterministic from config.seed.
-
-    The set is built in a temporary folder next to it and renamed when complete; an existing non-empty
-    OUT/dev_set is an error.
-    """
+    """Write the demo dev set to OUT/dev_set (built next to it, renamed when complete) -> its path."""
     config = dataclasses.replace(config or DemoConfig(), out=str(out))
     if config.rir_length < MIN_RIR_LENGTH:
         raise ValueError(f"--rir_length {config.rir_length}: expected at least {MIN_RIR_LENGTH} taps")
@@ -285,8 +267,7 @@ def make_demo(out="data", config=None):
 
 # ---- Verify ------------------------------------------------------------------------------------------------------
 def verify(data):
-    """Check a dev set: the official folders, every file's format, the pick-up lists, every metadata reference and
-    the test set. Returns (summary lines, problems)."""
+    """(summary lines, problems) of a dev set: folders, file formats, pick-up lists, metadata references, test set."""
     data = Path(data)
     if not data.is_dir():
         return [], [f"{data}: not a folder (expected the dev set, e.g. data/dev_set)"]
@@ -297,11 +278,9 @@ def verify(data):
         index = DataIndex(data, split, strict=False)
         problems += [problem for problem in index.problems
                      if not any(problem.startswith(f"{folder}: ") for folder in missing)]
-        summary += [f"sound_event/{split}: {len(index.labels)} classes, "
-                    f"{sum(len(files) for files in index.events.values())} files",
-                    f"interference/{split}: {len(index.interference_labels)} classes, "
-                    f"{sum(len(files) for files in index.interference.values())} files",
-                    f"noise/{split}: {len(index.noise)} files",
+        summary += [f"{name}/{split}: {len(classes)} classes, {sum(map(len, classes.values()))} files"
+                    for name, classes in (("sound_event", index.events), ("interference", index.interference))]
+        summary += [f"noise/{split}: {len(index.noise)} files",
                     f"room_ir/{split}: {len(index.rooms)} rooms, "
                     f"{sum(room.num_positions for room in index.rooms)} positions"]
         if split == "train":  # what training draws from must not be empty
@@ -328,8 +307,12 @@ def verify(data):
         except ValueError as error:
             problems.append(str(error))
             files = []
-        for file in files:
-            problems += _metadata_problems(file, data)
+        renderer = Renderer(data)
+        for file in files:  # every referenced file and position, read as rendering reads them
+            try:
+                renderer.prepare(json.loads(file.read_text()))
+            except (OSError, ValueError, KeyError, TypeError) as error:
+                problems.append(f"{file}: {error}")
         summary.append(f"metadata: {len(files)} validation mixtures")
     else:
         problems.append(f"{valid}: missing validation metadata")
@@ -340,35 +323,6 @@ def verify(data):
         except ValueError as error:
             problems += [line.strip() for line in str(error).splitlines()[1:]] or [str(error)]
     return summary, problems
-
-
-def _metadata_problems(file, data):
-    """Every referenced file must exist (and be long enough), every position must be in its room."""
-    try:
-        scene = json.loads(file.read_text())
-        config = scene["config"]
-        sofa_path, stored, _, _ = scene_rules(scene)
-        room = open_room(resolve(data, sofa_path))
-        events = {key: scene.get(key) or [] for key in ("fg_events", "int_events", "bg_events")}
-        if not all(isinstance(value, list) for value in events.values()):
-            raise ValueError("fg_events, int_events and bg_events must be lists of events")
-    except (OSError, ValueError, KeyError, TypeError) as error:
-        return [f"{file}: {error}"]
-    found = []
-    for key, folder in (("fg_events", "foreground_dir"), ("int_events", "interference_dir"),
-                        ("bg_events", "background_dir")):
-        for event in events[key]:
-            try:
-                path = resolve(data, config[folder], event["source_file"])
-                info = audio_info(path)
-                end = (event.get("source_time") or 0) + event["event_duration"]
-                if key != "bg_events" and int(end * SAMPLE_RATE) > info.frames + 1:
-                    found.append(f"{file}: {path} has {info.frames / SAMPLE_RATE:.3f} s, the event needs {end:.3f} s")
-                if key != "bg_events":
-                    room.find_position(event["event_position"], stored)
-            except (ValueError, KeyError, TypeError, RuntimeError) as error:
-                found.append(f"{file}: {error}")
-    return found
 
 
 # ---- Add data (the official add_data.sh step) --------------------------------------------------------------------
@@ -426,13 +380,8 @@ def _has_quiet_window(audio, window, step, threshold):
 
 
 def process_recording(path, config):
-    """One recording by the official add_data.sh rules -> (float32 [n] at SAMPLE_RATE, None) or (None, reason).
-
-    Read at the native rate, channels averaged to mono; dropped when its peak is below amp_threshold, when it is
-    shorter than min_length, when it is shorter than min_length after removing exact zeros at both ends, or when
-    a window of `segment` seconds (windows every `shift` seconds) is quiet (peak below amp_threshold). A kept
-    recording is the zero-trimmed signal, whole, resampled to SAMPLE_RATE if needed.
-    """
+    """One recording by the official add_data.sh rules -> (float32 [n] at SAMPLE_RATE, None) or (None, reason): dropped
+    for a low peak, for being short (also after trimming zeros) or for a quiet window; else kept whole, resampled."""
     try:
         audio, rate = soundfile.read(str(path), dtype="float32", always_2d=True)
     except Exception as error:  # soundfile raises several types for broken files
@@ -491,10 +440,8 @@ def _pickup_jobs(corpus, pickup_list, output):
 
 
 def add_data(config: AddDataConfig):
-    """The official add_data.sh step: interference from SemHear's bg_scaper_fmt (the 95 classes; train -> train,
-    val -> valid) and the sound events of the two pick-up lists, each processed by process_recording and written
-    as 16-bit PCM WAV at 32 kHz. Re-running keeps finished files; a file that exists with other content is an
-    error. Every input is checked before the first file is written. Returns counts by outcome."""
+    """The official add_data.sh step: interference of the 95 bg_scaper_fmt classes (val -> valid) and the pick-up lists'
+    sound events as 16-bit PCM, all inputs checked before the first write -> counts by outcome."""
     if not config.semhear_path and not config.ears_path:
         raise ValueError("nothing to add: give --semhear_path and/or --ears_path")
     for name in ("amp_threshold", "min_length", "segment", "shift"):
@@ -503,18 +450,16 @@ def add_data(config: AddDataConfig):
     data = Path(config.data)
     if not data.is_dir():
         raise ValueError(f"--data {data}: not a folder (expected the dev set, e.g. data/dev_set)")
+    for flag in ("semhear_path", "ears_path"):
+        if getattr(config, flag) and not Path(getattr(config, flag)).is_dir():
+            raise ValueError(f"--{flag} {getattr(config, flag)}: folder not found")
     jobs = []  # (source recording, target file)
     if config.semhear_path:
         semhear = Path(config.semhear_path)
-        if not semhear.is_dir():
-            raise ValueError(f"--semhear_path {semhear}: folder not found")
         jobs += _interference_jobs(semhear / "bg_scaper_fmt", data / "interference")
         jobs += _pickup_jobs(semhear / "FSD50K", data / "config" / "FSD50K_config.json", data / "sound_event")
     if config.ears_path:
-        ears = Path(config.ears_path)
-        if not ears.is_dir():
-            raise ValueError(f"--ears_path {ears}: folder not found")
-        jobs += _pickup_jobs(ears, data / "config" / "EARS_config.json", data / "sound_event")
+        jobs += _pickup_jobs(Path(config.ears_path), data / "config" / "EARS_config.json", data / "sound_event")
     sources_of = collections.defaultdict(list)  # e.g. the FSD50K and EARS lists naming the same convert_path
     for source, target in jobs:
         sources_of[target].append(source)
@@ -567,11 +512,8 @@ def run(arguments):
         print(f"demo dev set written to {dev_set} ({size:.1f} MiB) in {time.perf_counter() - start:.1f} s")
     elif arguments.command == "verify":
         summary, problems = verify(arguments.data)
-        print("\n".join(summary))
-        if problems:
-            print(f"{len(problems)} problem(s):\n  " + "\n  ".join(problems))
-            sys.exit(1)
-        print("ok")
+        print("\n".join(summary + [f"{len(problems)} problem(s):\n  " + "\n  ".join(problems) if problems else "ok"]))
+        sys.exit(1 if problems else 0)
     elif arguments.command == "add-data":
         add_data(config_from_args(arguments, AddDataConfig))
     else:

@@ -56,8 +56,7 @@ def read_audio(path, start=0, frames=-1):
 
 
 def write_audio(path, audio, subtype="PCM_16") -> bool:
-    """Write [C, n] or [n] audio at SAMPLE_RATE atomically; False when the file already holds it (within one 16-bit
-    step). An existing file with other content is an error, never overwritten."""
+    """Write [C, n] or [n] audio atomically -> False when the file holds it already; other audio there is an error."""
     path, frames = Path(path), np.asarray(audio, dtype=np.float32)
     frames = frames.T if frames.ndim == 2 else frames[:, None]  # (n, C)
     if path.exists():
@@ -99,25 +98,17 @@ class SofaRoom:
         if len(stored) != self.num_positions:
             raise ValueError(f"{self.path}: {len(stored)} source positions for {self.num_positions} RIRs")
         self.stored = stored  # (M, 3) as written in the file: what SpatialScaper (2025) metadata holds
-        if kind == "spherical":  # degrees, degrees, metres, converted like python-sofa (what SpAudSyn holds)
-            azimuth, elevation, radius = np.deg2rad(stored[:, 0]), np.deg2rad(stored[:, 1]), stored[:, 2]
-            self.positions = np.stack([radius * np.cos(azimuth) * np.cos(elevation),
-                                       radius * np.sin(azimuth) * np.cos(elevation), radius * np.sin(elevation)], 1)
-        elif kind == "cartesian":
-            self.positions = stored
-        else:
+        if kind not in ("spherical", "cartesian"):
             raise ValueError(f"{self.path}: SourcePosition Type {kind!r}, expected 'cartesian' or 'spherical'")
-        self.rir_length = self.native_length  # after resampling to SAMPLE_RATE
-        if self.native_rate != SAMPLE_RATE:
-            self.rir_length = math.ceil(self.native_length * SAMPLE_RATE / self.native_rate)
+        self.positions = cartesian(stored) if kind == "spherical" else stored  # what SpAudSyn metadata holds
+        self.rir_length = math.ceil(self.native_length * SAMPLE_RATE / self.native_rate)  # after resampling
         self._file, self._pid = None, None
 
     def __getstate__(self):  # DataLoader workers open their own handle
         return dict(self.__dict__, _file=None)
 
     def find_position(self, position, stored=False):
-        """Index of the RIR position nearest to [x, y, z] (or [[x, y, z]]): a cartesian position within 1 mm
-        (SpAudSyn), or with stored=True the nearest row of the file's own coordinates (SpatialScaper)."""
+        """Index of the RIR at [x, y, z] within 1 mm (SpAudSyn), or of the nearest stored row (SpatialScaper)."""
         target = np.asarray(position, dtype=np.float64).reshape(-1)
         if target.shape != (3,):
             raise ValueError(f"{self.path}: event_position {position!r} is not one [x, y, z] point")
@@ -144,6 +135,13 @@ class SofaRoom:
         return response / norm if norm > 0 else response
 
 
+def cartesian(spherical):
+    """[M, 3] (azimuth degrees, elevation degrees, radius metres) -> [M, 3] (x, y, z) metres, as python-sofa."""
+    azimuth, elevation, radius = np.deg2rad(spherical[:, 0]), np.deg2rad(spherical[:, 1]), spherical[:, 2]
+    return np.stack([radius * np.cos(azimuth) * np.cos(elevation), radius * np.sin(azimuth) * np.cos(elevation),
+                     radius * np.sin(elevation)], axis=1)
+
+
 def open_room(path) -> SofaRoom:
     """The SofaRoom of a file, opened once per process (and again when the file changes)."""
     try:
@@ -159,11 +157,8 @@ def _room(path, modified, size):
 
 
 # ---- The file index of one split ---------------------------------------------------------------------------------
-def sorted_wavs(folder, recursive=True):
-    """The .wav files under folder in a machine-independent order; hidden entries skipped."""
-    if not recursive:
-        return sorted(path for path in Path(folder).iterdir()
-                      if path.suffix.lower() == ".wav" and not path.name.startswith(".") and path.is_file())
+def sorted_wavs(folder):
+    """The .wav files under folder, recursively, in a machine-independent order; hidden entries skipped."""
     found = []
     for directory, subdirectories, files in os.walk(folder):
         subdirectories[:] = [name for name in subdirectories if not name.startswith(".")]
@@ -173,15 +168,13 @@ def sorted_wavs(folder, recursive=True):
 
 
 class DataIndex:
-    """Sorted listing of one split of a dev set with file lengths, built once per dataset; generation never
-    lists folders again. Problems (rate, channels, empty folders, unreadable files) raise one ValueError listing
-    all of them, or are collected in `problems` with strict=False. recursive=False: class pools are the files
-    directly in <folder>/<Label>/ (the 2025 generator's rule)."""
+    """Sorted listing of one split with file lengths, built once per dataset. Problems (rate, channels, empty folders,
+    unreadable files) raise one ValueError listing all, or are kept in `problems` with strict=False."""
 
-    def __init__(self, data_root, split="train", strict=True, recursive=True):
+    def __init__(self, data_root, split="train", strict=True):
         if split not in SPLITS:
             raise ValueError(f"split {split!r}, expected one of {', '.join(SPLITS)}")
-        self.root, self.split, self.recursive = Path(data_root), split, recursive
+        self.root, self.split = Path(data_root), split
         self.folders = {name: self.root / name / split for name in SOURCE_FOLDERS}
         self.problems, self.rooms = [], []
         if not self.folders["room_ir"].is_dir():
@@ -222,18 +215,16 @@ class DataIndex:
         return f"{OFFICIAL_PREFIX}{name}/{self.split}"
 
     def _check(self, path, channels):
+        """audio_info of a SAMPLE_RATE file with `channels` channels (None: any); else None, the problem noted."""
         try:
             info = audio_info(path)
         except ValueError as error:
             self.problems.append(str(error))
             return None
-        if info.samplerate != SAMPLE_RATE:
-            self.problems.append(f"{path}: sample rate {info.samplerate} Hz, expected {SAMPLE_RATE} Hz")
-        elif channels is not None and info.channels != channels:
-            self.problems.append(f"{path}: {info.channels} channels, expected {channels}")
-        else:
-            return info
-        return None
+        wrong = (f"sample rate {info.samplerate} Hz, expected {SAMPLE_RATE} Hz" if info.samplerate != SAMPLE_RATE else
+                 f"{info.channels} channels, expected {channels}" if channels not in (None, info.channels) else "")
+        self.problems += [f"{path}: {wrong}"] * bool(wrong)
+        return None if wrong else info
 
     def _classes(self, folder, required):
         """{label: [(path relative to folder, frames)]} of the mono files in folder/<label>/."""
@@ -244,7 +235,7 @@ class DataIndex:
         classes = {}
         for class_folder in sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")):
             files = [(path.relative_to(folder).as_posix(), info.frames)
-                     for path in sorted_wavs(class_folder, self.recursive)
+                     for path in sorted_wavs(class_folder)
                      if (info := self._check(path, 1)) is not None]
             if files:
                 classes[class_folder.name] = files
@@ -255,11 +246,9 @@ class DataIndex:
 
 # ---- Paths inside metadata, metadata lists, names of source files ------------------------------------------------
 def resolve(dev_set, *parts):
-    """The file a metadata path names (joined from parts, e.g. a source folder and a source_file).
-
-    Metadata paths are relative to the official repository root, where the dev set is data/dev_set:
-    'data/dev_set/<rest>' is <dev_set>/<rest> wherever the dev set lives, any other relative path is taken from
-    the folder two levels above the dev set, an absolute path as it is; the current directory is never used."""
+    """The file a metadata path names (joined from parts). Metadata paths are relative to the official repository
+    root: 'data/dev_set/<rest>' is <dev_set>/<rest>, another relative path is taken from two levels above the dev
+    set, an absolute path as it is; the current directory is never used."""
     dev_set = Path(os.path.abspath(dev_set))  # not resolve(): a symlinked data/dev_set keeps its parents
     relative = Path(*parts)
     posix = relative.as_posix()
@@ -286,8 +275,7 @@ def find_dev_set(metadata_path):
 
 
 def metadata_files(metadata_path):
-    """valid.json (a list of {'metadata_path': relative to its folder, and in 2025 'ref_event': the slot order})
-    or a folder of *.json -> sorted [(path, entry)]."""
+    """valid.json (a list of {'metadata_path': relative to its folder}) or a folder of *.json -> [(path, entry)]."""
     path = Path(metadata_path)
     if path.is_dir():
         files = [(file, {}) for file in sorted(path.glob("*.json"))]
@@ -318,9 +306,8 @@ def parse_source_name(soundscape: str, filename: str) -> tuple[int | None, str]:
 
 
 def index_sources(folder, soundscapes):
-    """{soundscape: [(path, label)]} of the source WAVs in folder, sorted by name (the official loader's order),
-    and the problems: a WAV whose name matches no soundscape, fits several, or has an unknown label. Other
-    entries are listed in a third value (ignored by the callers, who say so)."""
+    """({soundscape: [(path, label)]} of the source WAVs in folder sorted by name as the official loader, problems:
+    names that match no soundscape, several, or an unknown label, the other entries of the folder)."""
     known = set(soundscapes)
     index, problems, ignored = {name: [] for name in soundscapes}, [], []
     for path in sorted(Path(folder).iterdir()):

@@ -8,16 +8,12 @@ the challenge submission, or compare two evaluations.
         --data data/dev_set/synthesized/test --eval_data data/eval_set/synthesized/eval --out submission
     python evaluate.py --compare eval_out/A eval_out/B      # B - A, mixture by mixture, with bootstrap intervals
 
-DATA holds soundscape/<soundscape>.wav (4-channel mixtures, 32 kHz) and oracle_target/<soundscape>_<i>_<label>.wav
-(mono references). Estimates are mono 32 kHz WAVs named <soundscape>_<i>_<label>.wav (2026) or
-<soundscape>_<label>.wav (2025), as long as their mixture; a soundscape without estimates is predicted silence.
-Both modes print the official summary lines and write OUT/results.json in the official layout ('details' per
-mixture, plus `est_label_probabilities` = the tagger's probability of each chosen label, and `sources` = each
-estimate paired with a reference, see report.pair_sources). Separated sources go to
-OUT/waveforms/<soundscape>_<i>_<label>.wav (i = output slot after moving silent slots last), 16-bit PCM like the
-official files. --report adds OUT/report/ (report.py). Nothing existing is replaced without --overwrite.
+DATA holds soundscape/<soundscape>.wav (4-channel, 32 kHz) and oracle_target/<soundscape>_<i>_<label>.wav. Estimates
+are mono WAVs named <soundscape>_<i>_<label>.wav (2026) or <soundscape>_<label>.wav (2025); a soundscape without any
+is predicted silence. OUT/results.json has the official layout plus, per mixture, `est_label_probabilities` and
+`sources` (report.pair_sources); waveforms are 16-bit PCM like the official files (i = the slot after silent slots
+moved last). Nothing existing is replaced without --overwrite.
 """
-import collections
 import dataclasses
 import json
 import math
@@ -53,7 +49,7 @@ class EvaluateConfig:
     out: str = ""  # folder for results.json ('' = print only)
     metric: str = field(default="capi-sdri", metadata={"help": "capi-sdri (2026) or ca-sdri (2025)",
                                                        "choices": tuple(METRIC_NAMES)})
-    overwrite: bool = False  # replace an earlier run's results.json, waveforms, plots, report
+    overwrite: bool = False  # replace an earlier run's results.json, waveforms and report
     save_waveforms: bool = False  # write OUT/waveforms/<soundscape>_<i>_<label>.wav
     float_wav: bool = False  # write 32-bit float WAVs instead of 16-bit PCM
     device: str = "auto"  # auto (CUDA if available), cpu or cuda
@@ -113,9 +109,8 @@ def check_flags(config: EvaluateConfig) -> str | None:
 
 # ---- Reading soundscapes and source files ------------------------------------------------------------------------
 class WaveformDataset(torch.utils.data.Dataset):
-    """Soundscapes (<soundscape_dir>/*.wav) with their sources from index_sources: 'label', 'label_vector',
-    'dry_sources' [R, 1, L] from target_dir, the same keys prefixed 'est_' from estimate_dir; fewer than
-    NUM_SLOTS sources are padded with silence, more are all kept."""
+    """Soundscapes with 'label', 'label_vector', 'dry_sources' [R, 1, L] from target_dir, the same keys prefixed 'est_'
+    from estimate_dir; fewer than NUM_SLOTS sources are padded with silence, more are all kept."""
 
     def __init__(self, soundscape_dir, target_dir=None, estimate_dir=None):
         self.files = sorted(Path(soundscape_dir).glob("*.wav"))
@@ -158,8 +153,7 @@ def problem_list(title: str, problems: list[str]) -> ValueError:
 
 def check_inputs(data_dir: Path, estimate_dir: Path | None = None, references: bool = True,
                  batch_size: int = 1) -> list[Path]:
-    """Every mixture and source file of DATA (and the estimates) checked from its header before any work: names,
-    rate, channels and lengths; all problems in one ValueError. Returns the sorted mixture paths."""
+    """Every file's name, rate, channels and length from its header, all problems in one ValueError -> mixture paths."""
     folders = [data_dir / "soundscape"] + ([data_dir / "oracle_target"] if references else [])
     missing = [str(folder) for folder in ([data_dir] if not data_dir.is_dir() else folders) if not folder.is_dir()]
     if missing:
@@ -179,13 +173,12 @@ def check_inputs(data_dir: Path, estimate_dir: Path | None = None, references: b
             print(f"ignoring {len(ignored)} non-WAV entries in {folder}: {', '.join(ignored[:5])}"
                   + (" ..." if len(ignored) > 5 else ""), file=sys.stderr)
     headers = {}
-    for path in dict.fromkeys(soundscapes + [path for index in indexes for files in index.values() for path, _ in files]):
+    for path in dict.fromkeys(soundscapes + [path for index in indexes for files in index.values()
+                                             for path, _ in files]):  # once, also if two folders are the same
         try:
             headers[path] = audio_info(path)
         except ValueError as error:
             problems.append(f"{path}: not a readable WAV file ({str(error).removeprefix(f'{path}: ')})")
-    lengths = collections.Counter(headers[path].frames for path in soundscapes if path in headers)
-    usual = next((length for length, count in lengths.most_common(1) if count > len(soundscapes) / 2 > 0.5), None)
     good_lengths = set()
     for mixture_path in (path for path in soundscapes if path in headers):
         mixture, known = headers[mixture_path], len(problems)
@@ -195,15 +188,11 @@ def check_inputs(data_dir: Path, estimate_dir: Path | None = None, references: b
         sources = [[path for path, _ in index[mixture_path.stem] if path in headers] for index in indexes]
         expected = mixture.frames
         reference_lengths = {headers[path].frames for path in (sources[0] if references and sources else [])}
-        # A mixture whose references all have another length is itself damaged (unless it has the usual length
-        # and they do not): the problem is reported on the mixture, and its sources are not measured against it.
-        if len(reference_lengths) == 1 and expected not in reference_lengths:
+        if len(reference_lengths) == 1 and expected not in reference_lengths:  # then the mixture is the damaged one
             (length,) = reference_lengths
-            if not (expected == usual and length != usual):
-                problems.append(f"{mixture_path}: {'shorter' if expected < length else 'longer'} than its reference "
-                                f"files ({expected} samples, they have {length}); is the soundscape truncated or "
-                                "damaged?")
-                expected = None
+            problems.append(f"{mixture_path}: {'shorter' if expected < length else 'longer'} than its reference files "
+                            f"({expected} samples, they have {length}); is the soundscape truncated or damaged?")
+            expected = None
         for path in dict.fromkeys(path for paths in sources for path in paths):
             info = headers[path]
             wrong = ([f"sample rate {info.samplerate} Hz, expected {SAMPLE_RATE} Hz"] * (info.samplerate != SAMPLE_RATE)
@@ -225,8 +214,7 @@ def check_inputs(data_dir: Path, estimate_dir: Path | None = None, references: b
 # ---- Results: the official layout, printed and written -----------------------------------------------------------
 def score_mixtures(accumulator: MetricAccumulator, est_labels, est_waveforms, ref_labels, ref_waveforms, mixtures,
                    soundscapes) -> list[float | None]:
-    """accumulator.update (shapes as there), then each mixture's estimates paired with its references
-    (report.pair_sources) kept in its record as 'sources'. Returns the per-mixture values."""
+    """accumulator.update, each mixture's estimate-reference pairs (report.pair_sources) kept as 'sources'."""
     values = accumulator.update(est_labels, est_waveforms, ref_labels, ref_waveforms, mixtures, soundscapes)
     for b, record in enumerate(accumulator.details[-len(values):]):
         record["sources"] = report.pair_sources(record["est_labels"], est_waveforms[b], record["ref_labels"],
@@ -235,14 +223,13 @@ def score_mixtures(accumulator: MetricAccumulator, est_labels, est_waveforms, re
 
 
 def number(value):
-    """NaN and None both become JSON null."""
-    return None if value is None or (isinstance(value, float) and math.isnan(value)) else value
+    return None if value is None or (isinstance(value, float) and math.isnan(value)) else value  # JSON null
 
 
 def build_results(accumulator: MetricAccumulator, config: EvaluateConfig, nparams=None, probabilities=None,
                   models=None) -> dict:
-    """The official results.json layout (2025: label_metrics = {'accuracy'}), with each mixture's source pairing;
-    inference adds nparams, the tagger's probability of each chosen label and the model configs."""
+    """The official results.json layout (2025: label_metrics = {'accuracy'}) plus each mixture's source pairs, and
+    from inference the label probabilities and the models."""
     summary = accumulator.summary()
     label_metrics = ({"accuracy_mix": number(summary["accuracy_mix"]), "accuracy_src": number(summary["accuracy_src"])}
                      if accumulator.metric == "capi-sdri" else {"accuracy": number(summary["accuracy_mix"])})
@@ -262,19 +249,16 @@ def build_results(accumulator: MetricAccumulator, config: EvaluateConfig, nparam
 def print_results(results: dict, timing: dict | None = None):
     """The official summary lines; with timing also the time spent reading files and computing metrics."""
     name = report.metric_name(results)
-    text = lambda value: "nan" if value is None else f"{value:.3f}"  # noqa: E731
-    print(f"{name}: {text(results[name]['mean'])}")
-    metrics = results["label_metrics"]
-    if "accuracy_mix" in metrics:
-        print(f"Accuracy (mixture): {text(metrics['accuracy_mix'])}\nAccuracy (source) : {text(metrics['accuracy_src'])}")
-    else:
-        print(f"Label accuracy: {text(metrics['accuracy'])}")
+    titles = {"accuracy_mix": "Accuracy (mixture)", "accuracy_src": "Accuracy (source) ", "accuracy": "Label accuracy"}
+    lines = {name: results[name]["mean"]} | {titles[key]: value for key, value in results["label_metrics"].items()}
+    for title, value in lines.items():
+        print(f"{title}: {'nan' if value is None else f'{value:.3f}'}")
     if "nparams" in results:
         print(f"Total parameters: {results['nparams']:,}")
     if timing:
-        mixtures = timing["mixtures"]
-        print(f"Metric computation: {1e3 * timing['metric_seconds'] / mixtures:.3f} ms per mixture "
-              f"(file reading {1e3 * timing['read_seconds'] / mixtures:.1f} ms per mixture, {mixtures} mixtures)")
+        print(f"Metric computation: {1e3 * timing['metric_seconds'] / timing['mixtures']:.3f} ms per mixture (file "
+              f"reading {1e3 * timing['read_seconds'] / timing['mixtures']:.1f} ms per mixture, {timing['mixtures']} "
+              "mixtures)")
 
 
 def write_json(value: dict, path: Path):
@@ -282,45 +266,39 @@ def write_json(value: dict, path: Path):
         temporary.write_text(json.dumps(value, indent=2) + "\n")
 
 
-def output_folders(config: EvaluateConfig) -> dict[Path, str]:
-    """results.json and the folders this run writes files into -> what it writes there; files of an earlier run
-    are an error unless --overwrite (checked before any work), and are then removed so they do not mix."""
+def output_folders(config: EvaluateConfig) -> list[Path]:
+    """The folders this run fills; an earlier run's results.json or files there are an error unless --overwrite."""
     out = Path(config.out)
     if config.out and (out / "results.json").exists() and not config.overwrite:
-        raise ValueError(f"{out / 'results.json'} already exists; pass --overwrite to replace it or choose another --out")
-    wanted = {out / "results.json": None} if config.out else {}
-    wanted |= {out / name: pattern for flag, name, pattern in (("save_waveforms", "waveforms", "*.wav"),
-                                                               ("report", "report", "*"))
-               if getattr(config, flag)}
-    stale = [str(path) for path, pattern in wanted.items()
-             if pattern is not None and path.is_dir() and any(item.is_file() for item in path.glob(pattern))]
+        raise ValueError(f"{out / 'results.json'} already exists; pass --overwrite to replace it, or another --out")
+    folders = [out / name for flag, name in (("save_waveforms", "waveforms"), ("report", "report"))
+               if getattr(config, flag)]
+    stale = [str(folder) for folder in folders if folder.is_dir() and any(folder.iterdir())]
     if stale and not config.overwrite:
         raise ValueError(f"{', '.join(stale)} already hold files of an earlier run; pass --overwrite to replace them "
                          "or choose another --out")
-    return wanted
+    return folders
 
 
-def prepare_folders(folders: dict[Path, str]):
-    for folder, pattern in folders.items():
-        if pattern is not None:
-            removed = [path.unlink() for path in folder.glob(pattern) if path.is_file()] if folder.is_dir() else []
-            if removed:
-                print(f"removed {len(removed)} files of an earlier run from {folder}", file=sys.stderr)
-            folder.mkdir(parents=True, exist_ok=True)
+def prepare_folders(folders: list[Path]):
+    """Empty folders (an earlier run's files, with --overwrite, must not mix with this run's)."""
+    for folder in folders:
+        removed = [path.unlink() for path in folder.iterdir() if path.is_file()] if folder.is_dir() else []
+        if removed:
+            print(f"removed {len(removed)} files of an earlier run from {folder}", file=sys.stderr)
+        folder.mkdir(parents=True, exist_ok=True)
 
 
-def write_outputs(config: EvaluateConfig, results: dict, folders: dict, system: dict, oracle_results=None):
+def write_outputs(config: EvaluateConfig, results: dict, folders: list[Path], system: dict, oracle_results=None):
     """results.json, the report (with --report) and one line per written folder."""
-    for path, pattern in folders.items():
-        if pattern is None:
-            write_json(results, path)
-            print(f"wrote {path}")
+    if config.out:
+        write_json(results, Path(config.out) / "results.json")
+        print(f"wrote {Path(config.out) / 'results.json'}")
     if config.report:
         report.write_report(Path(config.out) / "report", results, oracle_results, system, config.data)
-    for folder, pattern in folders.items():
-        if pattern is not None:
-            names = sorted(path.name for path in folder.glob(pattern))
-            print(f"wrote {len(names)} files to {folder}" + (f" ({', '.join(names)})" if len(names) <= 5 else ""))
+    for folder in folders:
+        names = sorted(path.name for path in folder.iterdir())
+        print(f"wrote {len(names)} files to {folder}" + (f" ({', '.join(names)})" if len(names) <= 5 else ""))
 
 
 # ---- Inference: tag and separate with the S5 system --------------------------------------------------------------
@@ -338,13 +316,11 @@ def load_system(config: EvaluateConfig, device: torch.device) -> tuple[S5, int, 
 
 
 def separate_all(system: S5, dataset, config: EvaluateConfig, device, timing: dict, oracle: bool = False):
-    """Yields (batch, labels, probabilities [B, 3], waveforms [B, 3, L], oracle waveforms or None) on the CPU in
-    soundscape order while loader workers read ahead; with oracle, the separator also runs with the reference
-    labels as queries (the first 3 of a mixture with more): what it delivers when the tagger is perfect."""
+    """Yields (batch, labels, probabilities [B, 3], waveforms [B, 3, L], oracle waveforms or None) on the CPU; with
+    oracle the separator also runs with the (first 3) reference labels: what it delivers with a perfect tagger."""
     loader = torch.utils.data.DataLoader(dataset, batch_size=config.batch_size, num_workers=config.num_workers,
                                          collate_fn=collate_soundscapes, pin_memory=device.type == "cuda")
-    done, start = 0, time.perf_counter()
-    shown = start
+    done, start, shown = 0, time.perf_counter(), time.perf_counter()
     for batch in loader:
         started = time.perf_counter()
         mixture = batch["mixture"].to(device, non_blocking=True)
@@ -364,8 +340,7 @@ def separate_all(system: S5, dataset, config: EvaluateConfig, device, timing: di
 
 
 def write_sources(folder: Path, soundscape: str, labels, waveforms, subtype="PCM_16") -> list:
-    """The non-silent slots of waveforms [3, L] as mono 32 kHz WAVs <soundscape>_<slot>_<label>.wav -> [(slot, file
-    name)]; PCM_16 quantises and clips like the official sf.write default."""
+    """The non-silent slots of waveforms [3, L] as <soundscape>_<slot>_<label>.wav (PCM_16 as the official) -> names."""
     written = [(slot, f"{soundscape}_{slot}_{label}.wav") for slot, label in enumerate(labels) if label != SILENCE]
     for slot, name in written:
         write_audio(folder / name, waveforms[slot].numpy(), subtype)
@@ -373,8 +348,7 @@ def write_sources(folder: Path, soundscape: str, labels, waveforms, subtype="PCM
 
 
 def evaluate_system(system: S5, dataset, config: EvaluateConfig, device, waveform_dir=None, oracle=False):
-    """Separate and score every soundscape (mixture = mic channel 0, as the official evaluator) -> (accumulator,
-    {soundscape: 3 slot probabilities}, timing, the oracle-label accumulator or None)."""
+    """Separate and score every soundscape -> (accumulator, {soundscape: probabilities}, timing, oracle accumulator)."""
     accumulator, oracle_accumulator = MetricAccumulator(config.metric), MetricAccumulator(config.metric)
     probabilities, timing = {}, {"model_seconds": 0.0}
     for batch, labels, slot_probabilities, waveforms, oracle_waveforms in separate_all(system, dataset, config, device,
@@ -388,7 +362,7 @@ def evaluate_system(system: S5, dataset, config: EvaluateConfig, device, wavefor
         for b, soundscape in enumerate(batch["soundscape"]):
             probabilities[soundscape] = slot_probabilities[b].tolist()
             if waveform_dir is not None:
-                write_sources(waveform_dir, soundscape, labels[b], waveforms[b], "FLOAT" if config.float_wav else "PCM_16")
+                write_sources(waveform_dir, soundscape, labels[b], waveforms[b], config.float_wav and "FLOAT" or "PCM_16")
     return accumulator, probabilities, timing, oracle_accumulator if oracle else None
 
 
@@ -459,11 +433,9 @@ def run_compare(config: EvaluateConfig):
 
 
 def run_submission(config: EvaluateConfig):
-    """Dev test results, eval-set WAVs and probabilities, the official checks, the zip (the official
-    generate_waveform.sh): OUT/N/{eval_out/*.wav, eval_results.json, dev_set_test_results.json} and OUT/N.zip."""
+    """As the official generate_waveform.sh: OUT/N/{eval_out/, eval_results.json, dev_set_test_results.json}, N.zip."""
     name = f"{config.author}_{config.affiliation}_task4_{config.number}"
-    out = Path(config.out)
-    folder = out / name
+    out, folder = Path(config.out), Path(config.out) / name
     if (folder / "eval_out").is_dir() and any((folder / "eval_out").iterdir()):
         raise ValueError(f"{folder / 'eval_out'} exists and is not empty; remove it or choose another --number")
     existing = [str(path) for path in (folder / DEV_RESULTS_FILENAME, folder / EVAL_RESULTS_FILENAME,
@@ -517,8 +489,7 @@ def soundscape_root(path: Path) -> Path:
 
 
 def verify_submission(folder: Path, soundscapes: list[Path]):
-    """The official checks: every eval_out file is <soundscape>_<i>_<label>.wav of one soundscape with a valid label,
-    and eval_results.json lists exactly these files with their labels."""
+    """The official checks: eval_out holds <soundscape>_<i>_<label>.wav files, exactly those eval_results.json lists."""
     index, problems, ignored = index_sources(folder / "eval_out", [path.stem for path in soundscapes])
     problems += [f"{path}: expected '<soundscape>_<i>_<label>.wav' (with the output slot i)" for soundscape, sources
                  in index.items() for path, _ in sources if parse_source_name(soundscape, path.name)[0] is None]

@@ -1,11 +1,6 @@
-"""Scoring metrics (CAPI-SDRi, 2025 CA-SDRi, label accuracies) and the training losses: small pure functions of
-tensors and label lists; nothing reads files. evaluate.py and train.py's validation share them, so a number printed
-during training means the same as the one the scorer prints.
-
-Conventions: S = estimate slots, R = reference slots, L = samples, B = batch; labels are names from devset.LABELS,
-with devset.SILENCE for an empty slot; SNRs in dB. Metrics run in their inputs' dtype (float32 for WAV files, as
-the official scorer; half precision is cast up to float32); losses are float64 (the official validation loss is,
-because its dry targets are) with the float32 eps of the predictions.
+"""Scoring metrics (CAPI-SDRi, 2025 CA-SDRi, label accuracies) and the training losses: small pure functions that
+evaluate.py and train.py's validation share. S = estimate slots, R = reference slots, L = samples, B = batch.
+Metrics run in their inputs' dtype (float32, as the official scorer); losses in float64 with the eps of float32.
 
     python bench.py --only metric      # ms of CAPI-SDRi per 10 s mixture
 """
@@ -24,10 +19,8 @@ METRIC_NAMES = {"capi-sdri": "CAPI-SDRi", "ca-sdri": "CA-SDRi"}  # --metric valu
 
 # ---- SNR ---------------------------------------------------------------------------------------------------------
 def snr(preds: torch.Tensor, target: torch.Tensor, eps: float | None = None) -> torch.Tensor:
-    """Signal-to-noise ratio in dB along the last dim, as torchmetrics' signal_noise_ratio(zero_mean=False).
-
-    preds, target: [..., L] of the same shape -> [...]. eps (default torch.finfo(preds.dtype).eps) is added to both
-    energies, so 0/0 gives 0 dB; the output dtype follows type promotion of preds and target."""
+    """SNR in dB along the last dim, as torchmetrics' signal_noise_ratio(zero_mean=False): preds, target [..., L] ->
+    [...]. eps (default: of preds' dtype) is added to both energies, so 0/0 gives 0 dB."""
     if preds.shape != target.shape:
         raise ValueError(f"snr: preds {tuple(preds.shape)} and target {tuple(target.shape)} must have the same shape")
     eps = torch.finfo(preds.dtype).eps if eps is None else eps
@@ -35,20 +28,13 @@ def snr(preds: torch.Tensor, target: torch.Tensor, eps: float | None = None) -> 
 
 
 def snr64(preds: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """snr in float64 with the eps of the predictions' own dtype, as the official losses, where float32
-    predictions meet float64 dry targets."""
+    """snr in float64 with the eps of the predictions' dtype, as the official losses (float32 meets float64)."""
     return snr(preds.double(), targets.double(), torch.finfo(preds.dtype).eps)
-
-
-def _metric_dtype(tensor: torch.Tensor) -> torch.Tensor:
-    """Half-precision waveforms (autocast outputs) are scored in float32; other dtypes are kept."""
-    return tensor.float() if tensor.dtype in (torch.float16, torch.bfloat16) else tensor
 
 
 # ---- CAPI-SDRi (2026) and CA-SDRi (2025) -------------------------------------------------------------------------
 def _group_by_class(labels: list[str], last_only: bool = False) -> dict[str, list[int]]:
-    """Slot indices of each non-silence class, in slot order; last_only keeps only the last slot of a class
-    (the 2025 scorer puts labels in a dict, so a duplicated label keeps its last waveform)."""
+    """Slot indices of each non-silence class; last_only keeps a class's last slot (the 2025 scorer's dict does)."""
     groups: dict[str, list[int]] = {}
     for index, label in enumerate(labels):
         if label == SILENCE:
@@ -60,12 +46,7 @@ def _group_by_class(labels: list[str], last_only: bool = False) -> dict[str, lis
 
 
 def _classwise_improvement(est_groups, ref_groups, pair_snr, mixture_snr) -> tuple[float | None, list]:
-    """Mean improvement of one mixture from precomputed SNRs (the CAPI-SDRi rules of the docstring below), and
-    the matched pairs [(reference slot, estimate slot, SNR improvement in dB)].
-
-    pair_snr[(r, s)] = SNR(estimate s, reference r); mixture_snr[r] = SNR(mixture, reference r); both only
-    needed for classes present on both sides.
-    """
+    """(Mean improvement by the rules of capi_sdri, matched pairs [(reference slot, estimate slot, improvement)])."""
     classes = est_groups.keys() | ref_groups.keys()
     if not classes:
         return None, []
@@ -89,9 +70,11 @@ def _classwise_improvement(est_groups, ref_groups, pair_snr, mixture_snr) -> tup
 
 
 def _score_batch(est_labels, est_waveforms, ref_labels, ref_waveforms, mixtures, last_only) -> list[tuple]:
-    """Shared engine of capi_sdri / ca_sdri -> per item (value or None, matched pairs). Only the SNRs of same-class
-    pairs are computed, and each reference's mixture SNR once."""
-    est_waveforms, ref_waveforms, mixtures = map(_metric_dtype, (est_waveforms, ref_waveforms, mixtures))
+    """capi_sdri / ca_sdri of a batch: est_waveforms [B, S, L], ref_waveforms [B, R, L], mixtures [B, L] or [B, C, L]
+    -> per item (value or None, matched pairs). Only same-class pairs get an SNR."""
+    # Half-precision waveforms (autocast outputs) are scored in float32; other dtypes are kept.
+    est_waveforms, ref_waveforms, mixtures = (tensor.float() if tensor.dtype in (torch.float16, torch.bfloat16)
+                                              else tensor for tensor in (est_waveforms, ref_waveforms, mixtures))
     if mixtures.dim() == 3:
         mixtures = mixtures[:, 0]  # (B, L): the improvement is measured against mic channel 0
     if not (len(est_labels) == len(ref_labels) == est_waveforms.shape[0] == ref_waveforms.shape[0]
@@ -117,36 +100,23 @@ def _score_batch(est_labels, est_waveforms, ref_labels, ref_waveforms, mixtures,
 
 
 def capi_sdri(est_labels: list[str], est_waveforms: torch.Tensor, ref_labels: list[str],
-              ref_waveforms: torch.Tensor, mixture: torch.Tensor) -> float | None:
-    """CAPI-SDRi of one mixture (the 2026 official metric), in dB.
-
-    est_labels: S labels for est_waveforms [S, L]; ref_labels: R labels for ref_waveforms [R, L] (silence rows
-    may be zeros); mixture: [L] (mic channel 0) or [C, L] (channel 0 is used). float32 like the official scorer.
-    Within each class the pairing of references and estimates is the one with the highest mean raw SNR; its SNR
-    improvements over the mixture count, each surplus estimate or unmatched reference counts 0. Returns the mean
-    over all counted values, or None when neither side has a non-silence label (excluded from dataset means).
-    """
+              ref_waveforms: torch.Tensor, mixture: torch.Tensor, last_only: bool = False) -> float | None:
+    """CAPI-SDRi of one mixture (the 2026 official metric), in dB: est_labels for est_waveforms [S, L], ref_labels
+    for ref_waveforms [R, L], mixture [L] or [C, L] (channel 0). Within each class the pairing with the highest mean
+    raw SNR counts with its SNR improvements, each surplus estimate or unmatched reference with 0; the mean of all,
+    or None when neither side has a label (left out of dataset means)."""
     mixture = mixture[None] if mixture.dim() == 1 else mixture[None, 0]
-    return _score_batch([est_labels], est_waveforms[None], [ref_labels], ref_waveforms[None], mixture, False)[0][0]
+    return _score_batch([est_labels], est_waveforms[None], [ref_labels], ref_waveforms[None], mixture, last_only)[0][0]
 
 
-def ca_sdri(est_labels: list[str], est_waveforms: torch.Tensor, ref_labels: list[str],
-            ref_waveforms: torch.Tensor, mixture: torch.Tensor) -> float | None:
-    """CA-SDRi of one mixture (the 2025 official metric), in dB; shapes as capi_sdri.
-
-    Labels are collapsed per class (a duplicated label keeps its last slot); a class on both sides adds its SNR
-    improvement, a class on one side only adds 0. None when neither side has a label (the official code returns
-    NaN there, which would poison the dataset mean; here the mixture is left out of the mean instead).
-    """
-    mixture = mixture[None] if mixture.dim() == 1 else mixture[None, 0]
-    return _score_batch([est_labels], est_waveforms[None], [ref_labels], ref_waveforms[None], mixture, True)[0][0]
+def ca_sdri(est_labels, est_waveforms, ref_labels, ref_waveforms, mixture) -> float | None:
+    """CA-SDRi (the 2025 official metric): capi_sdri where a duplicated label keeps its last slot only."""
+    return capi_sdri(est_labels, est_waveforms, ref_labels, ref_waveforms, mixture, last_only=True)
 
 
 # ---- Label metrics -----------------------------------------------------------------------------------------------
 def label_counts(est_labels: list[str], ref_labels: list[str]) -> dict:
-    """Multiset label counts of one mixture (2026 LabelMetric): {'acc': bool, 'tp', 'fp', 'fn': int}.
-
-    Silence is ignored; acc is True when both multisets are equal (also when both are empty)."""
+    """Multiset label counts of one mixture without silence (2026 LabelMetric): {'acc': equal, 'tp', 'fp', 'fn'}."""
     estimated = collections.Counter(label for label in est_labels if label != SILENCE)
     reference = collections.Counter(label for label in ref_labels if label != SILENCE)
     true_positives = sum((estimated & reference).values())
@@ -155,10 +125,8 @@ def label_counts(est_labels: list[str], ref_labels: list[str]) -> dict:
 
 
 def label_accuracies(counts: list[dict]) -> tuple[float, float]:
-    """(accuracy_mix, accuracy_src) in percent from label_counts dicts of all mixtures.
-
-    accuracy_mix = share of mixtures with the exact label multiset; accuracy_src = tp / (tp + fp + fn) summed
-    over mixtures (NaN when no mixture has any label on either side)."""
+    """(accuracy_mix, accuracy_src) in percent from label_counts dicts: the share of mixtures with the exact label
+    multiset, and tp / (tp + fp + fn) summed over mixtures (NaN when no mixture has any label on either side)."""
     if not counts:
         raise ValueError("label_accuracies: no mixtures")
     accuracy_mix = 100.0 * sum(bool(count["acc"]) for count in counts) / len(counts)
@@ -174,14 +142,8 @@ def label_set_match(est_labels: list[str], ref_labels: list[str]) -> bool:
 
 # ---- Accumulator for evaluate.py and train.py validation ---------------------------------------------------------
 class MetricAccumulator:
-    """Collects per-mixture scores over batches, on any device; summary() gives the dataset numbers.
-
-    metric: 'capi-sdri' (2026) or 'ca-sdri' (2025). update() takes
-        est_labels: B lists of S labels, est_waveforms [B, S, L], ref_labels: B lists of R labels,
-        ref_waveforms [B, R, L], mixtures [B, L] (channel 0) or [B, C, L], soundscapes: B names (optional)
-    and returns the B per-mixture values (float or None). The per-mixture records stay in self.details; their
-    'pairs' are the same-class (reference slot, estimate slot, SNR improvement in dB) pairs the metric matched.
-    """
+    """Per-mixture scores of 'capi-sdri' (2026) or 'ca-sdri' (2025) over batches (update: shapes as _score_batch,
+    returns the B values; details: each mixture's record); summary() gives the dataset numbers."""
 
     def __init__(self, metric: str = "capi-sdri"):
         if metric not in METRIC_NAMES:
@@ -203,8 +165,7 @@ class MetricAccumulator:
         return [value for value, _ in scores]
 
     def summary(self) -> dict:
-        """{'metric': printed name, 'mean': dB or None when no mixture counts, 'accuracy_mix', 'accuracy_src',
-        'count': mixtures, 'scored': mixtures in the mean}; for 'ca-sdri' accuracy_mix is the 2025 set accuracy."""
+        """{'metric', 'mean' (None if nothing is scored), 'accuracy_mix' (2025: set accuracy), 'accuracy_src', ...}."""
         values = [item["value"] for item in self.details if item["value"] is not None]
         accuracy_mix, accuracy_src = label_accuracies([item["label_counts"] for item in self.details])
         return {"metric": METRIC_NAMES[self.metric], "mean": sum(values) / len(values) if values else None,
@@ -217,15 +178,13 @@ _PERMUTATIONS = {}  # (slots, device) -> every permutation [P, S]; built once pe
 
 
 def _best_permutation(cost: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Exhaustive assignment search. cost [B, S, S] (rows = target slot, columns = prediction slot) ->
-    (mean assigned cost of the best permutation [B], permutation [B, S] with permutation[b, i] = prediction slot
-    matched to target slot i). Ties go to the first permutation in itertools order. No host-device
-    synchronisation: the permutation table is cached per device (a copy from host lists would wait for the GPU)."""
+    """cost [B, S, S] (rows = target slot, columns = prediction slot) -> (mean cost of the best permutation [B],
+    permutation [B, S]: prediction slot of each target slot), by exhaustive search; ties go to the first permutation
+    in itertools order. The table is cached per device: a copy from host lists would wait for the GPU."""
     slots = cost.shape[-1]
-    key = (slots, cost.device)
-    if key not in _PERMUTATIONS:
-        _PERMUTATIONS[key] = torch.tensor(list(itertools.permutations(range(slots))), device=cost.device)
-    permutations = _PERMUTATIONS[key]  # (P, S)
+    if (slots, cost.device) not in _PERMUTATIONS:
+        _PERMUTATIONS[slots, cost.device] = torch.tensor(list(itertools.permutations(range(slots))), device=cost.device)
+    permutations = _PERMUTATIONS[slots, cost.device]  # (P, S)
     rows = torch.arange(slots, device=cost.device)
     scores = cost[:, rows[None, :], permutations].mean(-1)  # (B, P)
     best = scores.argmin(-1)  # argmin returns the first minimum
@@ -233,13 +192,9 @@ def _best_permutation(cost: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def pit_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """2026 tagger loss (official label_loss.py): permutation-invariant cross-entropy with probability targets.
-
-    logits [B, S, C] (S = 3 slots, C = 19 with silence), targets [B, S, C] one-hot (float).
-    Pair cost M[b, t, p] = -sum_c targets[b, t, c] * log_softmax(logits[b, p])_c; the assignment minimising the
-    mean cost is found exhaustively (the same optimum as scipy's linear_sum_assignment). Returns (loss = batch
-    mean of the assigned mean cost, float64 scalar; permutation [B, S], prediction slot for each target slot).
-    """
+    """2026 tagger loss (official label_loss.py): permutation-invariant cross-entropy. logits [B, S, C] (C = 19
+    with silence), targets [B, S, C] one-hot; pair cost -sum_c targets[t, c] log_softmax(logits[p])_c, best
+    assignment found exhaustively -> (batch mean of its mean cost, float64; permutation [B, S])."""
     if logits.shape != targets.shape or logits.dim() != 3:
         raise ValueError(f"pit_cross_entropy: logits {tuple(logits.shape)} and targets {tuple(targets.shape)} "
                          "must both be [B, S, C]")
@@ -251,13 +206,9 @@ def pit_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torc
 
 def class_aware_pit_snr_loss(preds: torch.Tensor, targets: torch.Tensor,
                              queries: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """2026 separator loss (official class_aware_pit.py): negative SNR under the best permutation among same-class slots.
-
-    preds, targets: [B, S, L] or [B, S, 1, L]; queries: [B, S, 18] one-hot label queries (all-zero = silence) or
-    the flat [B, S*18]. Only pairs of slots with identical non-silent queries may be matched (others cost 1e9);
-    silent slots cost 0 on the diagonal but still count in the divisor S. Returns (loss = batch mean, float64
-    scalar; permutation [B, S], prediction slot for each target slot).
-    """
+    """2026 separator loss (official class_aware_pit.py): -SNR under the best permutation among same-class slots.
+    preds, targets [B, S, L] or [B, S, 1, L]; queries [B, S, 18] (all-zero = silence). Silent slots cost 0 but
+    count in the divisor S -> (batch mean, float64; permutation [B, S])."""
     if preds.shape != targets.shape:
         raise ValueError(f"preds {tuple(preds.shape)} and targets {tuple(targets.shape)} must match")
     batch, slots = preds.shape[:2]
@@ -278,18 +229,8 @@ def class_aware_pit_snr_loss(preds: torch.Tensor, targets: torch.Tensor,
     return best_cost.mean(), permutation
 
 
-def snr_loss(preds: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """2025 ResUNet loss: -mean SNR. preds, targets [B, L] or [B, 1, L] -> float64 scalar."""
-    if preds.shape != targets.shape:
-        raise ValueError(f"preds {tuple(preds.shape)} and targets {tuple(targets.shape)} must match")
-    return -snr64(preds, targets).mean()
-
-
 def masked_snr_loss(preds: torch.Tensor, targets: torch.Tensor, source_mask: torch.Tensor) -> torch.Tensor:
-    """2025 ResUNetK loss: -mean over all B*S slots of SNR * source_mask (masked slots count as 0).
-
-    preds, targets [B, S, L] or [B, S, 1, L]; source_mask [B, S] (1 = real source, 0 = silence). No permutation.
-    """
+    """2025 ResUNetK loss: -mean over all slots of SNR * source_mask [B, S] (0 = silence), no permutation."""
     if preds.shape != targets.shape:
         raise ValueError(f"preds {tuple(preds.shape)} and targets {tuple(targets.shape)} must match")
     value = snr64(preds, targets)  # (B, S) or (B, S, 1)
@@ -298,9 +239,8 @@ def masked_snr_loss(preds: torch.Tensor, targets: torch.Tensor, source_mask: tor
 
 
 def binary_cross_entropy(probabilities: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """2025 tagger loss: mean binary cross-entropy of sigmoid probabilities [B, 18] against multi-hot
-    targets [B, 18], float64. Written out (logs floored at -100 like torch) so it also runs inside autocast,
-    where F.binary_cross_entropy refuses to."""
+    """2025 tagger loss: mean binary cross-entropy of probabilities [B, 18] against multi-hot targets [B, 18], float64;
+    written out (logs floored at -100 like torch) as F.binary_cross_entropy refuses to run inside autocast."""
     probabilities, targets = probabilities.double(), targets.double()
     floor = math.exp(-100)  # clamping before the log keeps gradients finite at probabilities 0 and 1
     log_positive = torch.log(probabilities.clamp(min=floor))

@@ -25,12 +25,11 @@ NUM_CLASSES = len(LABELS)  # 18 target classes: the separator's query size
 TAGGER_CLASSES = NUM_CLASSES + 1  # the 2026 tagger adds 'silence' as class 18
 LOG_EPS = float(torch.finfo(torch.float32).eps)  # added to the mel power before the log, as the official
 MAG_EPS = 1e-10  # floor on the separator's STFT power (so magnitudes are >= 1e-5)
-# Log-mel front ends selected by the sample-rate tag of the M2D folder name (as the official portable_m2d.py).
 # Tagger heads -> what their outputs mean: 'slots' (2026: 3 slots x 19-way softmax, class 18 = silence, PIT
 # cross-entropy) or 'multilabel' (2025: 18 sigmoids, multi-hot targets, binary cross-entropy). A new head is added
 # here, and everything that depends on it (targets, loss, decoding) follows TaggerConfig.multilabel.
 HEADS = {"avg_linear": "slots", "linear": "multilabel"}
-FRONT_ENDS = {
+FRONT_ENDS = {  # log-mel front ends by the sample-rate tag of the M2D folder name (as the official portable_m2d.py)
     "16k": dict(sample_rate=16000, n_fft=400, hop_length=160, n_mels=80, f_min=50.0, f_max=8000.0),
     "32k": dict(sample_rate=32000, n_fft=800, hop_length=320, n_mels=80, f_min=50.0, f_max=16000.0),
 }
@@ -55,19 +54,19 @@ class TaggerConfig:
 
     def __post_init__(self):
         self.input_size, self.patch_size = tuple(self.input_size), tuple(self.patch_size)  # JSON gives lists
-        if self.head not in HEADS:
-            raise ValueError(f"TaggerConfig.head={self.head!r}: expected one of {', '.join(HEADS)}")
-        if self.num_channels < 1 or (self.multilabel and self.num_channels != 1):
-            raise ValueError(f"TaggerConfig.num_channels={self.num_channels}: expected 1 or 4 (only 1 for head 'linear')")
-        if not 0 <= self.ref_channel < 4:
-            raise ValueError(f"TaggerConfig.ref_channel={self.ref_channel}: expected 0-3 (the 4 microphones of the "
-                             "dev set's mixtures)")
-        if self.sample_rate_tag not in FRONT_ENDS:
-            raise ValueError(f"TaggerConfig.sample_rate_tag={self.sample_rate_tag!r}: expected one of {list(FRONT_ENDS)}")
+        for broken, message in ((self.head not in HEADS, f"head={self.head!r}: expected one of {', '.join(HEADS)}"),
+                                (self.num_channels < 1 or (self.head == "linear" and self.num_channels != 1),
+                                 f"num_channels={self.num_channels}: expected 1 or 4 (only 1 for head 'linear')"),
+                                (not 0 <= self.ref_channel < 4, f"ref_channel={self.ref_channel}: expected 0-3 (the 4 "
+                                                                "microphones of the dev set's mixtures)"),
+                                (self.sample_rate_tag not in FRONT_ENDS, f"sample_rate_tag={self.sample_rate_tag!r}: "
+                                                                         f"expected one of {list(FRONT_ENDS)}"),
+                                (bool(self.embed_dim % self.num_heads or self.input_size[0] % self.patch_size[0]),
+                                 f"embed_dim {self.embed_dim} must divide by num_heads {self.num_heads} and mel bins "
+                                 f"{self.input_size[0]} by patch height {self.patch_size[0]}")):
+            if broken:
+                raise ValueError(f"TaggerConfig.{message}")
         first_trainable_layer(self.finetuning, self.depth)  # validates the mode
-        if self.embed_dim % self.num_heads or self.input_size[0] % self.patch_size[0]:
-            raise ValueError(f"TaggerConfig: embed_dim {self.embed_dim} must divide by num_heads {self.num_heads} and "
-                             f"mel bins {self.input_size[0]} by patch height {self.patch_size[0]}")
 
     @property
     def multilabel(self) -> bool:
@@ -108,8 +107,7 @@ def parse_m2d_folder_name(weight_file: str) -> tuple[tuple, tuple, str]:
     fields = name.split("-")
     pieces = fields[1].split("p")[:3] if len(fields) > 1 else []
     try:
-        input_size = tuple(int(v) for v in pieces[0].split("x"))
-        patch_size = tuple(int(v) for v in pieces[1].split("x"))
+        input_size, patch_size = (tuple(int(v) for v in piece.split("x")) for piece in pieces[:2])
         assert len(input_size) == 2 and len(patch_size) == 2
     except (IndexError, ValueError, AssertionError):
         raise ValueError(f"{weight_file}: folder name {name!r} should look like "
@@ -185,12 +183,6 @@ class Block(nn.Module):
         return x + self.mlp(self.norm2(x))
 
 
-class PatchEmbed(nn.Module):
-    def __init__(self, patch_size: tuple, dim: int):
-        super().__init__()
-        self.proj = nn.Conv2d(1, dim, patch_size, stride=patch_size)
-
-
 class VisionTransformer(nn.Module):
     """The M2D ViT (timm parameter names). Tokens are frequency-major: token index = f * t + time."""
 
@@ -202,7 +194,7 @@ class VisionTransformer(nn.Module):
         self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
         self.pos_embed = nn.Parameter(torch.zeros(1, 1 + self.grid[0] * self.grid[1], dim))
         self.norm_stats = nn.Parameter(torch.tensor([-7.1, 4.2]), requires_grad=False)  # log-mel mean, std
-        self.patch_embed = PatchEmbed(config.patch_size, dim)
+        self.patch_embed = nn.ModuleDict({"proj": nn.Conv2d(1, dim, config.patch_size, stride=config.patch_size)})
         self.blocks = nn.ModuleList(Block(dim, config.num_heads, config.mlp_ratio) for _ in range(config.depth))
         self.norm = nn.LayerNorm(dim, eps=1e-6)
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
@@ -214,7 +206,7 @@ class VisionTransformer(nn.Module):
 
     def encode_chunk(self, x: torch.Tensor) -> torch.Tensor:
         """x [B, 1, n_mels, frames <= chunk] -> features [B, t, grid_f * D]."""
-        x = self.patch_embed.proj(x)  # (B, D, f, t)
+        x = self.patch_embed["proj"](x)  # (B, D, f, t)
         B, D, f, t = x.shape
         x = x.flatten(2).transpose(1, 2)  # (B, f*t, D), frequency-major
         # Short inputs keep the first t time columns of every frequency row of the position table.
@@ -317,12 +309,8 @@ class Tagger(nn.Module):
 
     @torch.no_grad()
     def labels_from_logits(self, logits: torch.Tensor, threshold: float = 0.5) -> tuple[list[list[str]], torch.Tensor]:
-        """logits of forward -> (3 labels per item, probabilities [B, 3]).
-
-        2026: per slot the arg-max of the softmax over 19 classes (silence = 18) and its probability.
-        2025: classes with sigmoid >= threshold (at least the arg-max, at most the 3 most probable), listed in
-        class-index order and padded with 'silence' (probability 0) to 3 slots.
-        """
+        """logits -> (3 labels per item, probabilities [B, 3]). 2026: each slot's softmax arg-max (18 = silence); 2025:
+        the classes with sigmoid >= threshold (1 to 3, most probable first) in class order, padded with silence."""
         logits = logits.float()
         names = LABELS + (SILENCE,)
         if not self.config.multilabel:
@@ -515,10 +503,8 @@ class Separator(nn.Module):
             return self.waveform(out_real, out_imag, L).view(B, K, L)
 
     def forward(self, mixture: torch.Tensor, queries: torch.Tensor) -> torch.Tensor:
-        """mixture [B, 4, L], one-hot queries [B, Q, 18] (all-zero row = silent slot) -> waveforms [B, Q, L].
-
-        K = 3 models need Q == 3; K = 1 models separate the Q queries as a batch. Silent slots are exactly 0.
-        """
+        """mixture [B, 4, L], one-hot queries [B, Q, 18] (all-zero row = silent slot) -> waveforms [B, Q, L], silent
+        slots exactly 0. K = 3 models need Q == 3; K = 1 models separate the Q queries as a batch."""
         B, Q, _ = queries.shape
         K = self.config.num_slots
         if mixture.dim() != 3 or mixture.shape[1] != self.config.input_channels:
@@ -533,20 +519,11 @@ class Separator(nn.Module):
         return waveforms.reshape(B, Q, -1) * active.unsqueeze(-1)  # (B, Q, L)
 
 
-def build_separator(config: SeparatorConfig) -> Separator:
-    return Separator(config)
-
-
 def count_parameters(*modules: nn.Module) -> int:
-    """Parameters counted like the official evaluate.py, i.e. including the separator's frozen conv STFT/ISTFT
-    kernels that torch.stft replaces here (3,147,776 for n_fft 1024)."""
-    total = 0
-    for module in modules:
-        total += sum(p.numel() for p in module.parameters())
-        for separator in (m for m in module.modules() if isinstance(m, Separator)):
-            n_fft = separator.config.n_fft
-            total += 2 * (n_fft // 2 + 1) * n_fft + 2 * n_fft * n_fft
-    return total
+    """Parameters as the official evaluate.py counts them: with the frozen conv STFT kernels torch.stft replaces."""
+    stft_sizes = [m.config.n_fft for module in modules for m in module.modules() if isinstance(m, Separator)]
+    return (sum(p.numel() for module in modules for p in module.parameters())
+            + sum(2 * (n_fft // 2 + 1) * n_fft + 2 * n_fft * n_fft for n_fft in stft_sizes))
 
 
 # ---- S5 system ---------------------------------------------------------------------------------------------------
@@ -572,7 +549,7 @@ class S5(nn.Module):
         return {"label": labels, "probabilities": probabilities, "waveform": self.separator(mixture, queries)}
 
 
-# ---- Checkpoints: official Lightning files and our own, read by one function for evaluation, --init_from and --resume ----
+# ---- Checkpoints: official Lightning files and our own (evaluation, --init_from, --resume) -----------------------
 # The whole remap from the official Lightning checkpoints: key prefixes renamed (first match wins), and the keys this
 # implementation computes instead of storing (nnAudio / torchlibrosa buffers, frozen STFT kernels), each True where
 # the official module holds it as a parameter: it then has a place in the official optimizer's list, never any state.
@@ -593,9 +570,8 @@ CONFIGS = {"tagger": TaggerConfig, "separator": SeparatorConfig}
 
 @dataclass
 class Checkpoint:
-    """What a checkpoint file holds, with our key names. config: the saved model configuration, or for an official
-    file the one its shapes imply; optimizer: its state dict (or None) over the parameters `parameter_names`, in
-    that optimizer's order; saved: our checkpoint dict itself (step, RNG states, ...), None for an official file."""
+    """A checkpoint file with our key names. config: saved, or implied by an official file's shapes; optimizer: over
+    `parameter_names` in that order; saved: our checkpoint dict (step, RNG states, ...), None for an official file."""
     config: TaggerConfig | SeparatorConfig
     weights: dict
     optimizer: dict | None = None
@@ -604,8 +580,7 @@ class Checkpoint:
 
 
 def read_checkpoint(path: str, kind: str) -> Checkpoint:
-    """Our checkpoint or an official Lightning one (m2dat_1c/4c.ckpt, resunetk.ckpt; 2025 m2dat.ckpt, resunet.ckpt)
-    of a 'tagger' or 'separator'; every problem a ValueError naming the file."""
+    """Our checkpoint or an official Lightning one of a 'tagger' or 'separator'; a ValueError naming the file."""
     if not Path(path).is_file():
         raise ValueError(f"{path}: checkpoint file not found")
     try:
@@ -664,8 +639,8 @@ def official_config(weights: dict, kind: str, num_channels: int) -> TaggerConfig
 
 
 def load_weights(module: nn.Module, weights: dict, source: str, strict: bool = True) -> str:
-    """Load a state dict. Strict: any missing, unexpected or differently shaped tensor is a ValueError naming them.
-    Non-strict: the tensors whose name and shape match are loaded; returns the line listing the others ('' if none)."""
+    """Load a state dict; strict: any missing, unexpected or reshaped tensor is a ValueError naming them, non-strict:
+    the matching tensors are loaded -> the line listing the others ('' if none)."""
     own = module.state_dict()
     reshaped = [f"{key} {list(weights[key].shape)} in the checkpoint, {list(own[key].shape)} here"
                 for key in weights if key in own and weights[key].shape != own[key].shape]
@@ -681,7 +656,7 @@ def load_weights(module: nn.Module, weights: dict, source: str, strict: bool = T
 
 
 def load_tagger(path: str) -> Tagger:
-    """A tagger in eval mode from our checkpoint or an official one."""
+    """A tagger in eval mode from our checkpoint or an official one (the M2D file is not needed: weights follow)."""
     checkpoint = read_checkpoint(path, "tagger")
     tagger = Tagger(dataclasses.replace(checkpoint.config, m2d_weights=""))
     load_weights(tagger, checkpoint.weights, path)

@@ -1,21 +1,13 @@
-"""Where a system loses its decibels, and whether a change really helped: the analyses behind evaluate.py's
---report and --compare flags.
+"""Where a system loses its decibels, and whether a change really helped: evaluate.py's --report and --compare.
 
     python evaluate.py --tagger T.ckpt --separator S.ckpt --data DATA --out OUT --report   # adds oracle labels
-    python evaluate.py --estimates DIR --data DATA --out OUT --report
     python evaluate.py --compare OUT_A OUT_B
 
---report writes OUT/report/report.md and report.json: the metric and both label accuracies by kind of mixture
-(number of targets, same-class duplicate or not), per-class tagging precision / recall / F1 with the confusion
-matrix, per-class SDRi of the correctly labelled sources and, when the system runs from checkpoints, the
-CAPI-SDRi of the separator queried with the reference labels, which splits the loss between tagger and
-separator.
-
---compare pairs two results.json files mixture by mixture and prints B - A overall and per kind of mixture,
-each with a 95 % paired bootstrap interval, and the mixtures that changed most.
-
-Everything here works on results dicts in the results.json layout evaluate.py writes (per mixture: labels,
-metric value, label counts and 'sources', the pairing of estimates with references); nothing reads audio.
+--report writes OUT/report/report.md and report.json: the metric and the label accuracies by kind of mixture,
+per-class tagging scores with the confusion matrix, per-class SDRi and (from checkpoints) the separator queried
+with the reference labels, which splits the loss between tagger and separator. --compare prints B - A per kind of
+mixture with 95 % paired bootstrap intervals, and the mixtures that changed most. Everything works on the
+results.json dicts evaluate.py writes; nothing reads audio.
 """
 import collections
 import json
@@ -41,15 +33,9 @@ STATISTICS = {"sdri": "{metric} (dB)", "accuracy_mix": "Mixture accuracy (%)", "
 # ---- Pairing estimates with references (called by evaluate.py while the waveforms are in memory) -----------------
 def pair_sources(est_labels: list[str], est_waveforms: torch.Tensor, ref_labels: list[str],
                  ref_waveforms: torch.Tensor, matched_pairs: list[tuple[int, int, float]]) -> list[dict]:
-    """Every non-silent estimate and reference of one mixture, paired -> [{'reference', 'estimate', 'sdri'}].
-
-    est_waveforms [S, L], ref_waveforms [R, L]; matched_pairs: the metric's same-class pairs (reference slot,
-    estimate slot, SNR improvement in dB, from MetricAccumulator). Those come first with their improvement. The
-    remaining references and estimates of different classes (the tagger's confusions) are paired by the
-    assignment with the highest total SNR, since the estimate that sounds most like a reference is the one the
-    tagger misnamed; what is left pairs with silence (a missed source or a false positive). 'sdri' is None for
-    all but the metric's pairs.
-    """
+    """Every non-silent estimate [S, L] and reference [R, L] of one mixture, paired -> [{'reference', 'estimate',
+    'sdri'}]: the metric's same-class pairs first, the tagger's confusions by the highest total SNR (the estimate that
+    sounds most like a reference is the one the tagger misnamed), the rest with silence."""
     pairs = [{"reference": ref_labels[r], "estimate": est_labels[s], "sdri": improvement}
              for r, s, improvement in matched_pairs]
     matched_references, matched_estimates = {r for r, _, _ in matched_pairs}, {s for _, s, _ in matched_pairs}
@@ -77,13 +63,12 @@ def pair_sources(est_labels: list[str], est_waveforms: torch.Tensor, ref_labels:
 
 # ---- Per-mixture records, buckets and the dataset numbers --------------------------------------------------------
 def metric_name(results: dict) -> str:
-    """'CAPI-SDRi' or 'CA-SDRi': the summary key of a results dict."""
-    return next(key for key in results if key in METRIC_NAMES.values())
+    return next(key for key in results if key in METRIC_NAMES.values())  # 'CAPI-SDRi' or 'CA-SDRi'
 
 
 def mixture_records(results: dict, origin: str) -> list[dict]:
-    """results.json dict -> per mixture {'soundscape', 'ref_labels', 'est_labels', 'value' (dB or None),
-    'acc', 'tp', 'fp', 'fn', 'sources'}; a ValueError naming origin when the layout is not evaluate.py's."""
+    """results.json dict -> per mixture {'soundscape', 'ref_labels', 'est_labels', 'value', 'acc', 'tp', 'fp', 'fn',
+    'sources'}; a ValueError naming origin when the layout is not evaluate.py's."""
     try:
         name = metric_name(results)
         records = []
@@ -112,9 +97,8 @@ def columns(records: list[dict]) -> dict[str, np.ndarray]:
 
 
 def statistics(data: dict[str, np.ndarray], index: np.ndarray) -> dict[str, np.ndarray]:
-    """The dataset numbers of the mixtures in each row of index [R, n] -> {'sdri', 'accuracy_mix',
-    'accuracy_src'}, each [R]. The rules of the official summary: the metric averages the scored mixtures only,
-    the source accuracy is sum tp / sum (tp + fp + fn); NaN where a row has nothing to average."""
+    """The dataset numbers (the official summary's rules) of the mixtures in each row of index [R, n] -> {'sdri',
+    'accuracy_mix', 'accuracy_src'}, each [R]; NaN where a row has nothing to average."""
     value = data["value"][index]  # (R, n)
     scored = ~np.isnan(value)
     tp = data["tp"][index].sum(-1)
@@ -125,54 +109,42 @@ def statistics(data: dict[str, np.ndarray], index: np.ndarray) -> dict[str, np.n
 
 
 def _number(value) -> float | None:
-    """numpy scalar -> float, NaN -> None (JSON null, '-' in tables)."""
-    value = float(value)
-    return None if np.isnan(value) else value
+    return None if np.isnan(value) else float(value)  # NaN -> None (JSON null, '-' in tables)
 
 
 def target_count(labels: list[str]) -> int:
     return sum(label != SILENCE for label in labels)
 
 
-def has_duplicate(labels: list[str]) -> bool:
-    """The reference holds two (or more) sources of one class."""
-    return any(count > 1 for count in collections.Counter(label for label in labels if label != SILENCE).values())
-
-
 def buckets(records: list[dict]) -> list[tuple[str, np.ndarray]]:
-    """(name, indices of its mixtures): all, by number of reference targets, with / without a duplicate."""
+    """(name, indices of its mixtures): all, by number of reference targets, with / without a same-class duplicate."""
     counts = np.array([target_count(record["ref_labels"]) for record in records])
-    duplicate = np.array([has_duplicate(record["ref_labels"]) for record in records])
-    rows = [("all", np.arange(len(records)))]
-    for count in sorted(set(TARGET_COUNTS) | set(counts.tolist())):
-        rows.append((f"{count} target{'' if count == 1 else 's'}", np.flatnonzero(counts == count)))
-    rows.append(("same-class duplicate", np.flatnonzero(duplicate)))
-    rows.append(("no duplicate", np.flatnonzero(~duplicate)))
-    return rows
+    duplicate = np.array([target_count(set(record["ref_labels"])) < target_count(record["ref_labels"])
+                          for record in records])
+    return ([("all", np.arange(len(records)))]
+            + [(f"{count} target{'' if count == 1 else 's'}", np.flatnonzero(counts == count))
+               for count in sorted(set(TARGET_COUNTS) | set(counts.tolist()))]
+            + [("same-class duplicate", np.flatnonzero(duplicate)), ("no duplicate", np.flatnonzero(~duplicate))])
 
 
 # ---- --report: the tables ----------------------------------------------------------------------------------------
 def bucket_table(records: list[dict], oracle_records: list[dict] | None) -> list[dict]:
-    """Per bucket: mixtures, scored (in the metric's mean), sdri, accuracy_mix, accuracy_src and, with the
-    oracle-label run, oracle_sdri."""
+    """Per bucket: mixtures, scored (in the mean), sdri, accuracy_mix, accuracy_src (and oracle_sdri)."""
     data = columns(records)
     oracle = columns(oracle_records) if oracle_records is not None else None
     rows = []
     for name, members in buckets(records):
-        row = {"bucket": name, "mixtures": len(members), "scored": int((~np.isnan(data["value"][members])).sum())}
-        numbers = statistics(data, members[None]) if len(members) else {}
-        row |= {key: _number(numbers[key][0]) if numbers else None for key in STATISTICS}
+        numbers = statistics(data, members[None]) if len(members) else dict.fromkeys(STATISTICS, [np.nan])
+        rows.append({"bucket": name, "mixtures": len(members), "scored": int((~np.isnan(data["value"][members])).sum())}
+                    | {key: _number(numbers[key][0]) for key in STATISTICS})
         if oracle is not None:
-            row["oracle_sdri"] = _number(statistics(oracle, members[None])["sdri"][0]) if len(members) else None
-        rows.append(row)
+            rows[-1]["oracle_sdri"] = _number(statistics(oracle, members[None])["sdri"][0]) if len(members) else None
     return rows
 
 
 def tagging_tables(records: list[dict]) -> dict:
-    """Per-class and overall precision / recall / F1 in percent (multiset counts, as the source accuracy) and
-    the duplicate statistics."""
-    references, estimates, true_positives = (collections.Counter() for _ in range(3))
-    duplicates = collections.Counter()
+    """Per-class and overall precision / recall / F1 in percent (multiset counts) and the duplicate statistics."""
+    references, estimates, true_positives, duplicates = (collections.Counter() for _ in range(4))
     for record in records:
         estimated = collections.Counter(label for label in record["est_labels"] if label != SILENCE)
         reference = collections.Counter(label for label in record["ref_labels"] if label != SILENCE)
@@ -203,91 +175,74 @@ def tagging_tables(records: list[dict]) -> dict:
             | {"recall": 100.0 * duplicates["all_found"] / duplicates["groups"] if duplicates["groups"] else None}}
 
 
-def confusion_matrix(records: list[dict]) -> np.ndarray:
-    """[19, 19] counts of (reference label, estimate label) pairs, rows = references, silence last. Output slots
-    that are silent on both sides count as (silence, silence)."""
-    position = {label: index for index, label in enumerate(CONFUSION_LABELS)}
-    counts = np.zeros((len(CONFUSION_LABELS), len(CONFUSION_LABELS)), dtype=np.int64)
-    for record in records:
-        for pair in record["sources"]:
-            counts[position[pair["reference"]], position[pair["estimate"]]] += 1
-        counts[-1, -1] += max(0, NUM_SLOTS - len(record["sources"]))
-    return counts
-
-
 def class_sdri(records: list[dict]) -> dict[str, list[float]]:
-    """SNR improvements (dB) of the correctly labelled sources, per class."""
+    """SNR improvements (dB) of the correctly labelled sources, per class and under 'all'."""
     values = {label: [] for label in LABELS}
     for record in records:
         for pair in record["sources"]:
             if pair["reference"] == pair["estimate"] and pair["sdri"] is not None:
                 values[pair["reference"]].append(pair["sdri"])
-    return values
+    return values | {"all": sum(values.values(), [])}
 
 
 def quartiles(values: list[float]) -> dict:
     """{'sources', 'q1', 'median', 'q3'} (linear interpolation; None without values)."""
-    if not values:
-        return {"sources": 0, "q1": None, "median": None, "q3": None}
-    q1, median, q3 = np.percentile(values, [25, 50, 75])
-    return {"sources": len(values), "q1": float(q1), "median": float(median), "q3": float(q3)}
+    q1, median, q3 = np.percentile(values, [25, 50, 75]).tolist() if values else (None, None, None)
+    return {"sources": len(values), "q1": q1, "median": median, "q3": q3}
 
 
 def build_report(results: dict, oracle_results: dict | None, system: dict, data: str) -> dict:
-    """All report tables from the run's results dict (and the oracle-label run's, model mode only).
-
-    system: what was evaluated ({'tagger', 'separator'} or {'estimates'}); data: the data folder."""
+    """All report tables from the run's results dict (and the oracle-label run's); system: what was evaluated."""
     records = mixture_records(results, "results")
     oracle_records = mixture_records(oracle_results, "oracle results") if oracle_results is not None else None
-    if oracle_records is not None and [r["soundscape"] for r in oracle_records] != [r["soundscape"]
-                                                                                    for r in records]:
+    if oracle_records is not None and [r["soundscape"] for r in oracle_records] != [r["soundscape"] for r in records]:
         raise ValueError("the oracle-label run scored other mixtures than the system run")
     rows = bucket_table(records, oracle_records)
     silent = [record for record in records if target_count(record["ref_labels"]) == 0]
     report = {"system": system, "data": data, "mixtures": len(records), "metric": metric_name(results),
-              "buckets": rows,
-              "silence_answers": {"mixtures": len(silent), "correct": sum(bool(r["acc"]) for r in silent)},
-              "split": None}
+              "buckets": rows, "split": None,
+              "silence_answers": {"mixtures": len(silent), "correct": sum(bool(r["acc"]) for r in silent)}}
     if oracle_records is not None:
         system_sdri, oracle_sdri = rows[0]["sdri"], rows[0]["oracle_sdri"]
         report["split"] = {"system": system_sdri, "oracle": oracle_sdri,
                            "tagger_cost": None if None in (system_sdri, oracle_sdri) else oracle_sdri - system_sdri}
     report |= tagging_tables(records)
-    report["confusion"] = {"labels": list(CONFUSION_LABELS), "counts": confusion_matrix(records).tolist()}
+    # [19, 19] counts of (reference, estimate) label pairs; output slots silent on both sides are (silence, silence)
+    counts = np.zeros((len(CONFUSION_LABELS), len(CONFUSION_LABELS)), dtype=np.int64)
+    for record in records:
+        for pair in record["sources"]:
+            counts[CONFUSION_LABELS.index(pair["reference"]), CONFUSION_LABELS.index(pair["estimate"])] += 1
+        counts[-1, -1] += max(0, NUM_SLOTS - len(record["sources"]))
+    report["confusion"] = {"labels": list(CONFUSION_LABELS), "counts": counts.tolist()}
     values = class_sdri(records)
     oracle_values = class_sdri(oracle_records) if oracle_records is not None else None
     report["sdri_by_class"] = []
-    for label in (*LABELS, "all"):
-        row = {"class": label} | quartiles(sum(values.values(), []) if label == "all" else values[label])
+    for label in values:
+        row = {"class": label} | quartiles(values[label])
         if oracle_values is not None:
-            oracle = quartiles(sum(oracle_values.values(), []) if label == "all" else oracle_values[label])
+            oracle = quartiles(oracle_values[label])
             row |= {"oracle_sources": oracle["sources"], "oracle_median": oracle["median"]}
         report["sdri_by_class"].append(row)
     return report
 
 
-# ---- --report: markdown and figures ------------------------------------------------------------------------------
+# ---- --report: markdown ------------------------------------------------------------------------------------------
 def _cell(value, digits: int = 3, sign: bool = False) -> str:
-    if value is None:
-        return "-"
-    return f"{value:+.{digits}f}" if sign else f"{value:.{digits}f}"
+    return "-" if value is None else f"{value:+.{digits}f}" if sign else f"{value:.{digits}f}"
 
 
 def _table(header: list[str], rows: list[list]) -> list[str]:
-    """Markdown table lines; cells already formatted."""
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     return lines + ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
 
 
 def render_markdown(report: dict) -> str:
     """report.md: the tables of build_report."""
-    metric = report["metric"]
+    metric, oracle = report["metric"], report["split"] is not None
     system = ", ".join(f"{key} `{value}`" for key, value in report["system"].items())
     lines = ["# Evaluation report", "", f"System: {system}  ", f"Data: `{report['data']}` ({report['mixtures']} "
-             f"mixtures)  ", f"Metric: {metric} in dB, accuracies in %; '-' = nothing to average.", ""]
-
-    lines += ["## By kind of mixture", ""]
-    oracle = report["split"] is not None
+             f"mixtures)  ", f"Metric: {metric} in dB, accuracies in %; '-' = nothing to average.", "",
+             "## By kind of mixture", ""]
     header = ["mixtures", "count", f"scored in {metric}", metric] + (["with oracle labels"] if oracle else [])
     header += ["mixture accuracy", "source accuracy"]
     rows = [[row["bucket"], row["mixtures"], row["scored"], _cell(row["sdri"])]
@@ -303,28 +258,24 @@ def render_markdown(report: dict) -> str:
         split = report["split"]
         lines += ["", "## Tagger or separator", "",
                   "The separator run once more with the reference labels as queries (oracle labels):", ""]
-        lines += _table(["", metric], [["system (tagger + separator)", _cell(split["system"])],
-                                       ["separator with oracle labels: what the separator delivers",
-                                        _cell(split["oracle"])],
-                                       ["oracle - system: what the tagger costs", _cell(split["tagger_cost"])]])
+        rows = (("system (tagger + separator)", "system"),
+                ("separator with oracle labels: what the separator delivers", "oracle"),
+                ("oracle - system: what the tagger costs", "tagger_cost"))
+        lines += _table(["", metric], [[name, _cell(split[key])] for name, key in rows])
     else:
         lines += ["", "(The oracle-label split needs the system itself: evaluate with --tagger/--separator.)"]
 
     lines += ["", "## Tagging", ""]
     rows = [[row["class"], row["references"], row["estimates"], row["tp"], _cell(row["precision"], 1),
-             _cell(row["recall"], 1), _cell(row["f1"], 1)] for row in report["classes"]]
-    micro = report["micro"]
-    rows.append(["all (micro)", micro["references"], micro["estimates"], micro["tp"], _cell(micro["precision"], 1),
-                 _cell(micro["recall"], 1), _cell(micro["f1"], 1)])
+             _cell(row["recall"], 1), _cell(row["f1"], 1)] for row in report["classes"] + [
+                 report["micro"] | {"class": "all (micro)"}]]
     lines += _table(["class", "references", "estimates", "correct", "precision", "recall", "F1"], rows)
     lines += ["", f"Macro F1 over the classes present: {_cell(report['macro_f1'], 1)}."]
     duplicates = report["duplicates"]
-    if duplicates["groups"]:
-        lines += [f"Same-class duplicates in the references: {duplicates['groups']}; all copies found in "
-                  f"{duplicates['all_found']} (duplicate recall {_cell(duplicates['recall'], 1)} %), some in "
-                  f"{duplicates['some_found']}, none in {duplicates['none_found']}."]
-    else:
-        lines += ["No reference holds a same-class duplicate."]
+    lines += [f"Same-class duplicates in the references: {duplicates['groups']}; all copies found in "
+              f"{duplicates['all_found']} (duplicate recall {_cell(duplicates['recall'], 1)} %), some in "
+              f"{duplicates['some_found']}, none in {duplicates['none_found']}."
+              if duplicates["groups"] else "No reference holds a same-class duplicate."]
     lines += [f"Duplicates predicted where the reference has at most one source of the class: "
               f"{duplicates['spurious']}."]
 
@@ -359,11 +310,7 @@ def write_report(folder: Path, results: dict, oracle_results: dict | None, syste
 
 # ---- --compare: paired differences with bootstrap intervals ------------------------------------------------------
 def bootstrap_differences(data_a: dict, data_b: dict, members: np.ndarray) -> dict[str, np.ndarray]:
-    """B - A of each statistic on BOOTSTRAP_RESAMPLES resamples (with replacement) of the mixtures `members`,
-    each resample the same for both systems (paired) -> {key: [BOOTSTRAP_RESAMPLES]}.
-
-    The resamples are rng.integers(0, n, size=(BOOTSTRAP_RESAMPLES, n)) of a fresh
-    numpy.random.default_rng(BOOTSTRAP_SEED), so every run and every machine gives the same interval."""
+    """B - A of each statistic on paired resamples of `members` from a fresh generator (the same every run)."""
     rng = np.random.default_rng(BOOTSTRAP_SEED)
     index = rng.integers(0, len(members), size=(BOOTSTRAP_RESAMPLES, len(members)))
     differences = {key: [] for key in STATISTICS}
@@ -375,32 +322,21 @@ def bootstrap_differences(data_a: dict, data_b: dict, members: np.ndarray) -> di
     return {key: np.concatenate(parts) for key, parts in differences.items()}
 
 
-def percentile_interval(differences: np.ndarray) -> list[float] | None:
-    """The 95 % percentile interval [low, high] of the resampled differences that are defined (a resample
-    without any scored mixture has no metric mean); None when none is."""
-    defined = differences[~np.isnan(differences)]
-    return [float(value) for value in np.percentile(defined, INTERVAL_PERCENTILES)] if len(defined) else None
-
-
 def _preview(names: list[str], count: int = 5) -> str:
     return ", ".join(names[:count]) + (f" (+{len(names) - count} more)" if len(names) > count else "")
 
 
 def paired_records(results_a: dict, results_b: dict, name_a: str, name_b: str) -> tuple[list[dict], list[dict]]:
-    """The per-mixture records of both results in A's order; a ValueError naming what differs when the two do
-    not hold the same mixtures of the same data scored with the same metric."""
+    """The records of both results in A's order; a ValueError unless both scored the same data with one metric."""
     records = {}
     for name, results in ((name_a, results_a), (name_b, results_b)):
         records[name] = mixture_records(results, name)
-        repeated = [soundscape for soundscape, count in collections.Counter(
-            record["soundscape"] for record in records[name]).items() if count > 1]
-        if repeated:
-            raise ValueError(f"{name}: lists these soundscapes more than once: {_preview(repeated)}")
+        if len({record["soundscape"] for record in records[name]}) < len(records[name]):
+            raise ValueError(f"{name}: lists a soundscape more than once")
     metrics = metric_name(results_a), metric_name(results_b)
     if metrics[0] != metrics[1]:
         raise ValueError(f"{name_a} holds {metrics[0]}, {name_b} {metrics[1]}; compare results of one metric")
-    names_a = {record["soundscape"] for record in records[name_a]}
-    names_b = {record["soundscape"] for record in records[name_b]}
+    names_a, names_b = ({record["soundscape"] for record in records[name]} for name in (name_a, name_b))
     if names_a != names_b:
         raise ValueError(f"the results hold different mixtures: only in {name_a}: "
                          f"{_preview(sorted(names_a - names_b)) or 'none'}; only in {name_b}: "
@@ -408,11 +344,10 @@ def paired_records(results_a: dict, results_b: dict, name_a: str, name_b: str) -
     by_name = {record["soundscape"]: record for record in records[name_b]}
     records_a = records[name_a]
     records_b = [by_name[record["soundscape"]] for record in records_a]
-
-    def targets(record: dict) -> list[str]:  # padding with silence may differ between modes and batch sizes
-        return sorted(label for label in record["ref_labels"] if label != SILENCE)
-
-    differing = [a["soundscape"] for a, b in zip(records_a, records_b) if targets(a) != targets(b)]
+    # Compared without silence: the padding may differ between modes and batch sizes.
+    targets = [[sorted(label for label in record["ref_labels"] if label != SILENCE) for record in rows]
+               for rows in (records_a, records_b)]
+    differing = [a["soundscape"] for a, ta, tb in zip(records_a, *targets) if ta != tb]
     if differing:
         raise ValueError(f"the reference labels differ for {_preview(differing)}: {name_a} and {name_b} were "
                          "evaluated on different data")
@@ -420,8 +355,7 @@ def paired_records(results_a: dict, results_b: dict, name_a: str, name_b: str) -
 
 
 def compare_results(results_a: dict, results_b: dict, name_a: str, name_b: str) -> dict:
-    """Paired comparison B - A -> {'metric', 'a', 'b', 'mixtures', 'buckets': [{'bucket', 'mixtures', and per
-    statistic {'a', 'b', 'difference', 'interval'}}], 'changed': the CHANGED_MOST mixtures that changed most}."""
+    """Paired comparison B - A: per bucket and statistic {'a', 'b', 'difference', 'interval'}, and what changed most."""
     records_a, records_b = paired_records(results_a, results_b, name_a, name_b)
     data_a, data_b = columns(records_a), columns(records_b)
     rows = []
@@ -429,10 +363,13 @@ def compare_results(results_a: dict, results_b: dict, name_a: str, name_b: str) 
         row = {"bucket": bucket, "mixtures": len(members)}
         if len(members):
             a, b = statistics(data_a, members[None]), statistics(data_b, members[None])
-            differences = bootstrap_differences(data_a, data_b, members)
+            # The 95 % interval of the resamples that are defined (one without a scored mixture has no mean).
+            defined = {key: values[~np.isnan(values)] for key, values in
+                       bootstrap_differences(data_a, data_b, members).items()}
             row |= {key: {"a": _number(a[key][0]), "b": _number(b[key][0]),
                           "difference": _number(b[key][0] - a[key][0]),
-                          "interval": percentile_interval(differences[key])} for key in STATISTICS}
+                          "interval": np.percentile(defined[key], INTERVAL_PERCENTILES).tolist()
+                          if len(defined[key]) else None} for key in STATISTICS}
         rows.append(row)
     changed = []
     for a, b in zip(records_a, records_b):
@@ -455,16 +392,11 @@ def format_comparison(comparison: dict) -> str:
              f"{comparison['resamples']:,} resamples (seed {comparison['seed']})",
              f"A: {comparison['a']}", f"B: {comparison['b']}"]
     for key, title in STATISTICS.items():
-        rows = []
-        for row in comparison["buckets"]:
-            if not row["mixtures"]:
-                rows.append([row["bucket"], 0, "-", "-", "-", "-"])
-                continue
-            numbers = row[key]
-            interval = numbers["interval"]
-            rows.append([row["bucket"], row["mixtures"], _cell(numbers["a"]), _cell(numbers["b"]),
-                         _cell(numbers["difference"], sign=True),
-                         "-" if interval is None else f"[{interval[0]:+.3f}, {interval[1]:+.3f}]"])
+        rows = [[row["bucket"], 0, "-", "-", "-", "-"] if not row["mixtures"] else
+                [row["bucket"], row["mixtures"], _cell(row[key]["a"]), _cell(row[key]["b"]),
+                 _cell(row[key]["difference"], sign=True),
+                 "-" if row[key]["interval"] is None else "[{:+.3f}, {:+.3f}]".format(*row[key]["interval"])]
+                for row in comparison["buckets"]]
         lines += ["", title.format(metric=metric)] + _table(["mixtures", "count", "A", "B", "B - A",
                                                              "95 % interval"], rows)
     lines.append("")
@@ -473,12 +405,11 @@ def format_comparison(comparison: dict) -> str:
         return "\n".join(lines)
     lines.append(f"Mixtures that changed most ({comparison['changed_count']} changed; {metric} B - A, "
                  "'-' = silence on both sides, left out of the mean):")
-
-    def labels(names: list[str]) -> str:
-        return ", ".join(name for name in names if name != SILENCE) or SILENCE
-
-    rows = [[change["soundscape"], labels(change["ref_labels"]), labels(change["a"]["est_labels"]),
-             _cell(change["a"]["value"]), labels(change["b"]["est_labels"]), _cell(change["b"]["value"]),
-             _cell(change["difference"], sign=True)] for change in comparison["changed"]]
+    labels = [[", ".join(name for name in names if name != SILENCE) or SILENCE for names in
+               (change["ref_labels"], change["a"]["est_labels"], change["b"]["est_labels"])]
+              for change in comparison["changed"]]
+    rows = [[change["soundscape"], reference, labels_a, _cell(change["a"]["value"]), labels_b,
+             _cell(change["b"]["value"]), _cell(change["difference"], sign=True)]
+            for change, (reference, labels_a, labels_b) in zip(comparison["changed"], labels)]
     lines += _table(["soundscape", "reference", "A labels", "A", "B labels", "B", "B - A"], rows)
     return "\n".join(lines)

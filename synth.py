@@ -1,19 +1,15 @@
 """Spatial mixtures exactly as the official synthesizers make them, and the datasets that feed training.
 
-A scene is a metadata dict, the one record that flows from the scene generator to the renderer: SpAudSyn's format
-(2026; also what GeneratedDataset.scene(i) returns) or SpatialScaper's (2025 validation files). Mono events are
-peak-normalised, convolved with a 4-channel room impulse response (RIR) from a SOFA file, scaled to ref_db + snr over
-the whole convolution and summed with a background; an event's dry target is the same source through the direct-path
-window of the reference channel, at the same scale.
+A scene is a metadata dict (SpAudSyn's format, or SpatialScaper's for 2025 files), the one record that flows from
+the generator to the renderer. Mono events are peak-normalised, convolved with a 4-channel room impulse response
+(RIR), scaled to ref_db + snr over the whole convolution and summed with a background; an event's dry target is the
+source through the direct-path window of the reference channel, at the same scale.
 
-    scene dict --Renderer.prepare--> the events' audio (cheap: DataLoader workers)
-               --render_scenes-----> mixtures [B, C, L] and dry targets [B, S, 1, L] (FFTs: a worker or the GPU)
+    scene --Renderer.prepare--> the events' audio (DataLoader workers) --render_scenes--> mixtures, dry targets
 
-    GeneratedDataset   random training scenes, item i a pure function of (seed, i)
-    MetadataDataset    scenes from metadata JSON files (validation, data_prep.py render)
-
-Adding a random scene parameter (an augmentation) takes three edits here: a SceneConfig field, its draw in
-SceneGenerator.generate (stored in the scene dict, so scene(i) keeps it), and its use in render_scenes.
+GeneratedDataset draws training scenes (item i a pure function of (seed, i)), MetadataDataset reads JSON files.
+An augmentation is three edits here: a SceneConfig field, its draw stored in the scene dict in
+SceneGenerator.generate (so scene(i) keeps it), and its use in render_scenes.
 """
 import collections
 import dataclasses
@@ -72,12 +68,9 @@ class SceneGenerator:
         self.index, self.config = index, config
         if not index.rooms or not index.labels:
             raise ValueError(f"{index.root}: no rooms or no sound events to generate scenes from")
-        if config.nevent_range[1] > NUM_SLOTS:
-            raise ValueError(f"nevent_range {config.nevent_range}: at most {NUM_SLOTS} target events per mixture "
-                             "(the output slots)")
-        if config.nevent_range[1] > len(index.labels):
-            raise ValueError(f"{index.root}: nevent_range {config.nevent_range} needs more distinct classes than "
-                             f"the {len(index.labels)} available")
+        if config.nevent_range[1] > min(NUM_SLOTS, len(index.labels)):
+            raise ValueError(f"{index.root}: nevent_range {config.nevent_range}: at most {NUM_SLOTS} target events "
+                             f"per mixture (the output slots), of distinct classes ({len(index.labels)} available)")
 
     def _event(self, rng, room, label, file, snr_range, role, position=None):
         relative, frames = file
@@ -163,37 +156,19 @@ class SceneGenerator:
 
 
 # ---- Reading a scene: its events' audio and the rules of its format ----------------------------------------------
-def scene_events(scene):
-    """The events of a scene in render order: foreground by event_time, then interference by event_time."""
-    foreground = sorted(scene.get("fg_events") or [], key=lambda event: event["event_time"])
-    return foreground, sorted(scene.get("int_events") or [], key=lambda event: event["event_time"])
-
-
-def scene_format(scene):
-    """'SpAudSyn' (2026: room = {'args': {'metadata': {'sofa_path'}}}) or 'SpatialScaper' (2025: room = a file
-    name in config.rir_dir); a ValueError for anything else."""
-    room = scene.get("room") if isinstance(scene, dict) else None
-    if isinstance(room, str):
-        return "SpatialScaper"
-    if isinstance(room, dict) and isinstance(room.get("args", {}).get("metadata"), dict):
-        return "SpAudSyn"
-    raise ValueError("not a scene: expected a SpAudSyn ('room': {'args': {'metadata': ...}}) or SpatialScaper "
-                     "('room': '<name>.sofa') metadata dict")
-
-
 def scene_rules(scene):
-    """(sofa path as written, positions as stored?, RIR rule, background stretch) of a scene's format.
-
-    The RIR rule is (normalisation, dry channel or None, samples before / after the peak, signed peak): SpAudSyn
-    keeps [argmax|h0| - 192, argmax|h0| + 1600] inclusive of the RMS-normalised IR; SpatialScaper keeps
-    [argmax h - a, argmax h + b) of the reference channel (config ref_channel; -1 / null = no dry target) of the
-    L2-normalised IR, with a, b from config spatialize_direct_path_time_ms."""
-    config = scene["config"]
-    if scene_format(scene) == "SpAudSyn":
-        room = scene["room"]["args"]["metadata"]
+    """(sofa path, positions as stored?, RIR rule, background stretch) of a scene's format. RIR rule (normalisation,
+    dry channel, samples before / after the peak, signed peak): SpAudSyn keeps [argmax|h0| - 192, argmax|h0| + 1600]
+    of the RMS-normalised IR, SpatialScaper [argmax h - a, argmax h + b) of ref_channel (-1: none), L2-normalised."""
+    config, room = scene["config"], scene.get("room")
+    if isinstance(room, dict) and isinstance(room.get("args", {}).get("metadata"), dict):  # SpAudSyn (2026)
+        room = room["args"]["metadata"]
         before, after = room.get("direct_range_ms", (6, 50))
         return room["sofa_path"], False, ("rms", 0, int(before * SAMPLE_RATE / 1000),
                                           int(after * SAMPLE_RATE / 1000), False), "tile"
+    if not isinstance(room, str):  # SpatialScaper (2025): the file name of a room in config.rir_dir
+        raise ValueError("not a scene: expected a SpAudSyn ('room': {'args': {'metadata': ...}}) or SpatialScaper "
+                         "('room': '<name>.sofa') metadata dict")
     before, after = config.get("spatialize_direct_path_time_ms") or (6, 50)
     channel = config.get("ref_channel")
     channel = None if channel is None or channel < 0 else int(channel)
@@ -202,8 +177,7 @@ def scene_rules(scene):
 
 
 class Renderer:
-    """Renders scenes of one dev set on one device: prepare() reads a scene's audio (cheap, any process);
-    render() and __call__ run render_scenes there, keeping RIR spectra in one bounded cache (RirSpectra)."""
+    """Scenes of one dev set: prepare() reads their audio (any process), render() and __call__ render on the device."""
 
     def __init__(self, dev_set="data/dev_set", device="cpu", megabytes=WORKER_CACHE_MEGABYTES):
         self.dev_set, self.device, self.megabytes = Path(dev_set), torch.device(device), megabytes
@@ -214,15 +188,13 @@ class Renderer:
 
     @property
     def spectra(self):
-        if self._spectra is None:
-            self._spectra = RirSpectra(self.device, self.megabytes)
+        self._spectra = self._spectra or RirSpectra(self.device, self.megabytes)
         return self._spectra
 
     def prepare(self, scene, num_channels=None, dry=True):
-        """The worker half of rendering a scene dict (no FFT) -> a record for stack_scenes: per event (render order)
-        its samples (read with SpAudSyn's int(time * sr) arithmetic, mono, peak-normalised), length, onset, full
-        convolution length, dry-target slot (-1: none), level ref_db + snr and RIR key; the background [C, L] at its
-        level. num_channels: the first channels of the room the mixture keeps (None = all)."""
+        """The worker half of rendering (no FFT) -> a record for stack_scenes: per event its samples (SpAudSyn's
+        int(time * sr) arithmetic, mono, peak-normalised), onset, dry slot (-1: none), level and RIR key; the
+        background [C, L] at its level. num_channels: the first room channels kept (None = all)."""
         config = scene["config"]
         if int(config["sr"]) != SAMPLE_RATE:
             raise ValueError(f"metadata sr {config['sr']}, expected {SAMPLE_RATE}")
@@ -233,7 +205,8 @@ class Renderer:
         if not 1 <= channels <= room.num_channels:
             raise ValueError(f"{room.path}: {room.num_channels} RIR channels, {channels} requested")
         dry = dry and rule[1] is not None
-        foreground, interference = scene_events(scene)
+        foreground, interference = (sorted(scene.get(key) or [], key=lambda event: event["event_time"])
+                                    for key in ("fg_events", "int_events"))  # render order
         record = {key: [] for key in ("sources", "lengths", "onsets", "full_lengths", "slots", "levels", "rir_keys")}
         for number, (event, folder) in enumerate(itertools.chain(
                 ((event, "foreground_dir") for event in foreground),
@@ -265,8 +238,7 @@ class Renderer:
                     labels=[event["label"] for event in foreground])
 
     def _background(self, config, event, channels, length, stretch):
-        """(float32 [channels, L], gain to ref_db + snr over all channels and samples). A short file is tiled
-        (SpAudSyn) or has each sample repeated (SpatialScaper's np.repeat); another channel count is skipped."""
+        """(float32 [C, L], gain to ref_db + snr); a short file is tiled (SpAudSyn) or each sample repeated (2025)."""
         path = resolve(self.dev_set, config["background_dir"], event["source_file"])
         if event.get("source_time") is not None:
             audio = read_audio(path, int(event["source_time"] * SAMPLE_RATE), length)
@@ -292,8 +264,7 @@ class Renderer:
         return render_scenes(to_device(stack_scenes(records), self.device), self.spectra)
 
     def __call__(self, batch):
-        """A DataLoader batch -> the same batch on the device, its scene records (key 'scene') rendered there into
-        'mixture' and 'dry_sources'. Copies are non-blocking and rendering only queues device work."""
+        """A DataLoader batch on the device, its records ('scene') rendered into 'mixture' and 'dry_sources'."""
         batch = to_device(batch, self.device)
         scenes = batch.pop("scene", None)
         if scenes is not None:
@@ -336,8 +307,7 @@ def irfft(spectrum, length):
 
 
 def host_tensor(values, dtype, device):
-    """A small host list as a tensor on `device`; on CUDA through pinned memory, so that the copy does not wait
-    for the work queued on the GPU."""
+    """A host list as a tensor on `device`; on CUDA through pinned memory, so the copy does not wait for the GPU."""
     tensor = torch.tensor(values, dtype=dtype)
     return tensor.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else tensor.to(device)
 
@@ -346,11 +316,8 @@ Spectra = collections.namedtuple("Spectra", "channels power direct")  # [C, F], 
 
 
 class RirSpectra:
-    """RIR spectra on one device, least recently used first out beyond `megabytes` (a batch's own are always
-    held until it is rendered). Per (room file, position, RIR rule, FFT length, channels C, dry) it keeps the rfft
-    of the RIR's first C channels, the RIR power per bin averaged over all the room's channels (an event's level
-    by Parseval needs nothing else) and, for events with a dry target, the rfft of the reference channel's
-    direct-path window. A miss reads the RIR in this process and transforms all misses of a batch at once."""
+    """RIR spectra on one device, least recently used out beyond `megabytes`: the rfft of the first C channels, the
+    power per bin over all channels (for Parseval levels) and the direct-path window's rfft; misses in one call."""
 
     def __init__(self, device, megabytes):
         self.device, self.megabytes = torch.device(device), megabytes
@@ -401,12 +368,8 @@ class RirSpectra:
 
 
 def stack_scenes(records):
-    """Scene records (Renderer.prepare) of one batch -> the scene batch render_scenes takes: the events of all B
-    mixtures listed together, their samples concatenated (only real samples cross between processes).
-
-    Tensors: sources float32 [T], background float32 [B, C, L]. Host lists per event: item (its mixture), lengths,
-    onsets, full_lengths, slots, levels, rir_keys; per batch: fft_length, dry_slots S (0 = no dry targets) and the
-    scenes' metadata dicts (for parameters that render_scenes reads from the scenes themselves)."""
+    """Records (Renderer.prepare) of one batch -> render_scenes' input: sources [T] (all events concatenated),
+    background [B, C, L], host lists per event, fft_length, dry_slots (0 = none) and the scenes' metadata."""
     shapes = sorted({record["background"].shape for record in records})
     if len(shapes) > 1:
         raise ValueError(f"the scenes of one batch differ in (channels, samples): {shapes}")
@@ -423,14 +386,9 @@ def stack_scenes(records):
 
 
 def render_scenes(scenes, spectra):
-    """Render a scene batch (stack_scenes; its tensors on one device) there -> (mixture float32 [B, C, L], dry
-    float32 [B, S, 1, L] or None).
-
-    Each event's source spectrum is scaled to its level over all RIR channels and the whole convolution, by
-    Parseval from the cached RIR power (no inverse FFT); the scaled spectra times each RIR channel are summed per
-    mixture; one inverse FFT per mixture channel and per dry target (the source through the direct-path window
-    at the same gain), cut to L; the background is added. Equal to the exact float64 computation within 1e-4 of
-    the peak. Only host lists steer the work, so on a GPU it never waits for the device."""
+    """Render a scene batch (stack_scenes; tensors on one device) there -> (mixture float32 [B, C, L], dry float32
+    [B, S, 1, L] or None): each source spectrum scaled to its level by Parseval, times each RIR channel, summed per
+    mixture, one inverse FFT per output row; within 1e-4 of float64. A GPU is never waited for."""
     background, fft_length, dry_slots = scenes["background"], scenes["fft_length"], scenes["dry_slots"]
     (B, C, L), events, device = background.shape, len(scenes["lengths"]), background.device
     if device.type == "cpu" and torch.get_num_threads() > 1:
@@ -478,10 +436,10 @@ def render_scenes(scenes, spectra):
 
 # ---- Datasets ----------------------------------------------------------------------------------------------------
 def label_vector(labels, mode="stack", silence_mode="zeros"):
-    """Label list -> float32 tensor: 'stack' [n, K], 'concat' [n * K], 'multihot' [K]; K = 18 ('zeros': silence
-    is an all-zero row) or 19 ('onehot': silence is class 18), as the official DatasetS3."""
-    if silence_mode not in ("zeros", "onehot"):
-        raise ValueError(f"silence_label_mode {silence_mode!r}, expected 'zeros' or 'onehot'")
+    """Labels -> 'stack' [n, K], 'concat' [n * K] or 'multihot' [K]; K = 18 ('zeros') or 19 ('onehot': 18 = silence)."""
+    if silence_mode not in ("zeros", "onehot") or mode not in ("stack", "concat", "multihot"):
+        raise ValueError(f"label_vector_mode {mode!r}, silence_label_mode {silence_mode!r}: expected 'stack', "
+                         "'concat' or 'multihot', and 'zeros' or 'onehot'")
     names = LABELS + ((SILENCE,) if silence_mode == "onehot" else ())
     rows = torch.zeros(len(labels), len(names))
     for row, label in enumerate(labels):
@@ -489,31 +447,19 @@ def label_vector(labels, mode="stack", silence_mode="zeros"):
             raise ValueError(f"unknown label {label!r}; expected one of LABELS or {SILENCE!r}")
         if label in names:
             rows[row, names.index(label)] = 1.0
-    if mode not in ("stack", "concat", "multihot"):
-        raise ValueError(f"label_vector_mode {mode!r}, expected 'stack', 'concat' or 'multihot'")
     return {"stack": rows, "concat": rows.reshape(-1), "multihot": rows.sum(0).clamp(max=1)}[mode]
 
 
 def collate(items):
     """Batch dict: scene records by stack_scenes, tensors stacked along a new first dim, other values listed."""
-    batch = {}
-    for key in items[0]:
-        values = [item[key] for item in items]
-        if key == "scene":
-            batch[key] = stack_scenes(values)
-        elif all(torch.is_tensor(value) for value in values):
-            batch[key] = torch.stack(values)
-        else:
-            batch[key] = values
-    return batch
+    columns = {key: [item[key] for item in items] for key in items[0]}
+    return {key: stack_scenes(values) if key == "scene" else torch.stack(values)
+            if all(torch.is_tensor(value) for value in values) else values for key, values in columns.items()}
 
 
 class SceneDataset(torch.utils.data.Dataset):
-    """What both datasets share: items from scene dicts, rendered in this process or (render=False) left as
-    records under 'scene' for a batched render on the training device (Renderer.__call__).
-
-    Items: 'label' (NUM_SLOTS labels, silence last), 'label_vector', 'soundscape', 'metadata' (the scene), and
-    'mixture' float32 [C, L] with, when return_sources, 'dry_sources' float32 [S, 1, L]."""
+    """Items of scene dicts: 'label' (silence last), 'label_vector', 'soundscape', 'metadata' and 'mixture' [C, L] with
+    'dry_sources' [S, 1, L], or with render=False the record under 'scene' (rendered by Renderer.__call__)."""
 
     def __init__(self, dev_set, label_vector_mode, silence_label_mode, return_sources, num_channels, render):
         self.renderer = Renderer(dev_set)
@@ -537,11 +483,7 @@ class SceneDataset(torch.utils.data.Dataset):
 
 
 class GeneratedDataset(SceneDataset):
-    """Training mixtures generated on the fly; item i is a pure function of (seed, i).
-
-    data_root: the dev-set folder; split: the folders scenes draw from ('train'; the demo's validation and test
-    mixtures use 'valid'); num_channels: the first mixture channels to render (None = all; 1 for the 1-channel
-    tagger); return_sources: render dry targets; render=False: records for Renderer.__call__."""
+    """Training mixtures generated from the `split` folders; item i is a pure function of (seed, i)."""
 
     def __init__(self, data_root, scene=None, length=1000, seed=0, label_vector_mode="stack",
                  silence_label_mode="zeros", return_sources=True, split="train", num_channels=None, render=True):
@@ -557,13 +499,13 @@ class GeneratedDataset(SceneDataset):
     def __len__(self):
         return self.length
 
-    def scene(self, index):
+    def scene(self, index, rng=None):
         """The metadata of item `index` (rendering it gives the same mixture)."""
-        return self.generator.generate(item_rng(self.seed, index))
+        return self.generator.generate(rng or item_rng(self.seed, index))
 
     def __getitem__(self, index):
         rng = item_rng(self.seed, index)
-        scene = self.generator.generate(rng)
+        scene = self.scene(index, rng)
         order = list(range(len(scene["fg_events"])))
         if self.scene_config.shuffle_label:
             rng.shuffle(order)  # drawn after the scene, as the official shuffle after synthesis
@@ -571,8 +513,7 @@ class GeneratedDataset(SceneDataset):
 
 
 class MetadataDataset(SceneDataset):
-    """Mixtures rendered from metadata JSON files (valid.json or a folder of *.json); name = the file's stem.
-    data_root: the dev set the metadata paths refer to (None = the one the metadata lies in)."""
+    """Mixtures of metadata files (valid.json or a folder of *.json) in data_root (None: the one they lie in)."""
 
     def __init__(self, metadata_path, data_root=None, label_vector_mode="stack", silence_label_mode="zeros",
                  return_sources=True, num_channels=None, render=True):

@@ -9,16 +9,10 @@
     python train.py --task separation --preset demo --print_config   # the values a run would use, and their origin
 
 Configuration: dataclass defaults < --preset (default: the task's official recipe) < --config run/config.json
-(with --resume: the run's own) < flags. The run folder gets config.json, log.jsonl (one JSON line per log step and
-validation), last.pt (everything --resume needs) and best.pt (the weights of the lowest validation loss).
-
-The global batch is batch_size x world size x accumulation: the per-device batch is the largest one, at most
---batch_size, that divides global_batch / world_size (exactly --batch_size when given as a flag).
-
-Training scenes are an endless stream: scene ((step * accumulation + micro_step) * world_size + rank) * batch_size
-+ item is a pure function of (seed, number), so --resume continues exactly; the official epochs of
-`dataset_length` scenes map to `eval_interval` steps. SIGINT, SIGTERM and SIGHUP ask for a stop: all ranks finish
-the step (or validation batch), rank 0 writes last.pt, every rank exits with status 0.
+(with --resume: the run's own) < flags. The run folder gets config.json, log.jsonl, last.pt (everything --resume
+needs) and best.pt (the weights of the lowest validation loss). The global batch is batch_size x world size x
+accumulation. Training scenes are an endless stream, scene number a pure function of (step, micro-step, rank), so
+--resume continues exactly. SIGINT, SIGTERM and SIGHUP stop all ranks after the step, with last.pt written.
 """
 import argparse
 import dataclasses
@@ -217,14 +211,6 @@ def resolve_config(argv=None) -> tuple[argparse.Namespace, TrainConfig, object, 
     for section in set(MODEL_SECTION.values()) - {model_section}:
         if flags[section] or file_values.get(section):
             raise SystemExit(f"--{section}.* settings do not apply to --task {task}")
-    if cli.resume:  # the weights in last.pt fit the run's own model configuration: flags may only repeat it
-        saved = dataclasses.asdict(SECTIONS[model_section]()) | file_values.get(model_section, {})
-        changed = [key for key, value in flags[model_section].items()
-                   if json.dumps(value) != json.dumps(saved.get(key))]  # JSON: tuples and lists compare equal
-        if changed:
-            raise SystemExit(f"--resume keeps the model of the run in {config_path}, which has "
-                             f"{', '.join(f'{model_section}.{key} {saved.get(key)}' for key in changed)}; remove "
-                             f"{', '.join(f'--{model_section}.{key}' for key in changed)}")
 
     values = {section: dataclasses.asdict(cls()) for section, cls in SECTIONS.items()}
     origins = {section: dict.fromkeys(values[section], "default") for section in SECTIONS}
@@ -304,8 +290,7 @@ def setup_distributed(device_name: str) -> tuple[int, int, torch.device]:
 
 
 def split_batch(global_batch: int, world_size: int, batch_size: int, exact: bool) -> tuple[int, int]:
-    """(per-device batch, accumulation) with per-device batch x world size x accumulation = global batch: the largest
-    divisor of global_batch / world_size up to batch_size, or exactly batch_size; errors name values that work."""
+    """(per-device batch, accumulation) for the global batch: the largest divisor up to batch_size, or exactly it."""
     per_device, remainder = divmod(global_batch, world_size)
     if remainder or not per_device:
         lower = global_batch // world_size * world_size
@@ -325,11 +310,8 @@ def split_batch(global_batch: int, world_size: int, batch_size: int, exact: bool
 
 
 def freeze_unused_parameters(model: torch.nn.Module, task: str) -> list[str]:
-    """Freeze the trainable parameters a forward/backward pass never reaches, and return their names.
-
-    The official separator owns decoder `beta2` FiLM layers and decoder `bn2` layers that its forward never uses;
-    Lightning paid find_unused_parameters on every step for them. They never get a gradient, so AdamW never changes
-    them: freezing is numerically the same and lets plain DDP run. A probe pass in eval mode finds them."""
+    """Freeze (and name) the parameters a probe pass never reaches (the official separator's unused decoder `beta2`
+    FiLM layers and `bn2`): AdamW never changes them, and DDP then needs no find_unused_parameters."""
     was_training = model.training
     model.eval()
     mixture = torch.randn(1, 4, SAMPLE_RATE)  # (B, C, L)
@@ -343,18 +325,17 @@ def freeze_unused_parameters(model: torch.nn.Module, task: str) -> list[str]:
     return unused
 
 
-def config_differences(saved, current, section: str) -> str:
-    """'' when a checkpoint's model configuration gives weights of this run's layout, else one line naming every
-    field that differs (fine-tuning set and M2D weight file do not change the layout)."""
+def config_differences(saved, current, section: str, resume: bool) -> str:
+    """'' when a checkpoint's model configuration gives this run's weight layout, else the fields that differ."""
     saved, current = (json.loads(json.dumps(dataclasses.asdict(config))) for config in (saved, current))
     keys = [key for key in current if key not in ("finetuning", "m2d_weights") and saved.get(key) != current[key]]
+    hint = f"; --resume keeps the run's model: remove {' '.join(f'--{section}.{key}' for key in keys)}" * resume
     return (f"checkpoint has {' and '.join(f'{section}.{key} {saved.get(key)}' for key in keys)}, this run "
-            f"{' and '.join(str(current.get(key)) for key in keys)}") if keys else ""
+            f"{' and '.join(str(current.get(key)) for key in keys)}{hint}") if keys else ""
 
 
 def map_optimizer_state(saved: dict, saved_names: list[str], model: torch.nn.Module, path: str) -> dict:
-    """An optimizer state saved for the parameters `saved_names` (in that optimizer's order) -> the state for this
-    model's parameters (one group, as ours and the official), matched by name; unstepped parameters get none."""
+    """An optimizer state saved for the parameters `saved_names` (in its order) -> one for this model's, by name."""
     groups = saved.get("param_groups", [])
     if len(groups) != 1 or len(groups[0]["params"]) != len(saved_names):
         raise SystemExit(f"--init_optimizer: the optimizer in {path} has {len(groups)} parameter groups over "
@@ -376,17 +357,15 @@ def map_optimizer_state(saved: dict, saved_names: list[str], model: torch.nn.Mod
 
 
 def load_optimizer_state(optimizer: torch.optim.Optimizer, saved: dict) -> None:
-    """The per-parameter state (moments, step counts) of a saved optimizer; the group settings (lr, betas, fused)
-    stay this optimizer's, where torch's load_state_dict would take the saved ones."""
+    """A saved optimizer's per-parameter state; unlike torch's load_state_dict, the group settings stay ours."""
     groups = [dict(group, params=saved_group["params"])
               for group, saved_group in zip(optimizer.state_dict()["param_groups"], saved["param_groups"])]
     optimizer.load_state_dict({"state": saved["state"], "param_groups": groups})
 
 
 def setup_model(cli, config: TrainConfig, model_config, device: torch.device, world_size: int, say) -> tuple:
-    """Build the model, load last.pt (--resume) or --init_from, freeze what never gets a gradient, move it to the
-    device, and build fused AdamW and the GradScaler with their saved state.
-    -> (config with the lr in force, model, optimizer, scaler, step, best validation loss, frozen names)."""
+    """The model (from last.pt with --resume, or --init_from) on the device, fused AdamW and the GradScaler with their
+    saved state -> (config with the lr in force, model, optimizer, scaler, step, best validation loss, frozen names)."""
     kind = MODEL_SECTION[config.task]
     try:
         model = build_tagger(model_config) if kind == "tagger" else Separator(model_config)
@@ -399,7 +378,7 @@ def setup_model(cli, config: TrainConfig, model_config, device: torch.device, wo
     if path:
         try:
             checkpoint = read_checkpoint(path, kind)
-            difference = config_differences(checkpoint.config, model_config, kind) if checkpoint.saved else ""
+            difference = checkpoint.saved and config_differences(checkpoint.config, model_config, kind, cli.resume)
             if difference:
                 raise ValueError(f"{path}: {difference}")
             skipped = load_weights(model, checkpoint.weights, path, strict=cli.resume or not config.init_non_strict)
@@ -448,7 +427,7 @@ def code_version() -> str:
         git = [subprocess.run(["git", *args], capture_output=True, text=True, timeout=5, cwd=Path(__file__).parent)
                .stdout.strip() for args in (("rev-parse", "--short", "HEAD"), ("status", "-s", "-uno"))]
     except (OSError, subprocess.SubprocessError):
-        return "unknown"
+        git = ["", ""]
     return (git[0] + "-dirty" * bool(git[1])) if git[0] else "unknown"
 
 
@@ -472,8 +451,7 @@ def check_config_json(out_dir: Path, record: dict) -> None:
 
 # ---- Data: the dev-set check, the step-numbered scene stream, loaders, the validation set rendered once ----------
 def check_data_root(root: Path, scene: SceneConfig) -> None:
-    """Fail early, naming the commands that fix it, when the dev set lacks a folder training reads (the files in
-    them are checked by DataIndex)."""
+    """Fail early, naming the commands that fix it, when the dev set lacks a folder training reads."""
     needed = ["sound_event/train", "noise/train", "room_ir/train", "metadata/valid.json"]
     needed += ["interference/train"] if max(scene.interference_range) > 0 else []
     problems = [f"{root / name} is missing" + (" (the official layout splits each source folder into train/ and "
@@ -487,9 +465,8 @@ def check_data_root(root: Path, scene: SceneConfig) -> None:
 
 
 def dataset_options(task: str, model_config) -> dict:
-    """What each task's data looks like (the official DatasetS3 settings): tagger targets [3, 19] (2025: multi-hot
-    [18]), separator queries [3, 18] with all-zero silence rows and dry targets; the 1-channel taggers read only
-    the channels up to their reference one."""
+    """The official DatasetS3 settings: tagger targets [3, 19] (2025: multi-hot [18]), separator queries [3, 18] with
+    all-zero silence rows and dry targets; 1-channel taggers get the channels up to their reference one."""
     if task == "separation":
         return dict(label_vector_mode="stack", silence_label_mode="zeros", return_sources=True)
     return dict(label_vector_mode="multihot" if model_config.multilabel else "stack",
@@ -498,15 +475,13 @@ def dataset_options(task: str, model_config) -> dict:
 
 
 def default_num_workers() -> int:
-    """DataLoader workers per rank: this process's CPU cores shared by the ranks of the machine, minus one for the
-    training process itself, at least one (2 cores, 1 rank: 1; 16 cores, 4 ranks: 3)."""
+    """CPU cores per rank of this machine minus one for training itself, at least 1 (16 cores, 4 ranks: 3)."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     return max(1, cores // int(os.environ.get("LOCAL_WORLD_SIZE", 1)) - 1)
 
 
 def scene_number(step: int, micro_step: int, accumulation: int, rank: int, world_size: int, batch_size: int) -> int:
-    """The first training scene of a micro-batch: a function of (step, micro-step, rank) only, so that every rank
-    and worker draws distinct scenes and a resumed run sees exactly the scenes of an uninterrupted one."""
+    """The first scene of a micro-batch, a function of (step, micro-step, rank) only: a resumed run sees the same."""
     return ((step * accumulation + micro_step) * world_size + rank) * batch_size
 
 
@@ -534,9 +509,8 @@ def make_loader(dataset, workers: int, config, device, persistent: bool, **optio
 
 # ---- Loss, validation, learning rate -----------------------------------------------------------------------------
 def compute_loss(model, batch: dict, loss: str, generator: torch.Generator | None = None) -> tuple:
-    """(loss, model output) of one batch; the loss is a float64 scalar. For the 2025 single-query ResUNet ('snr'),
-    training picks one non-silent slot per mixture from `generator` (the official one-label training);
-    validation (generator None) scores every non-silent slot."""
+    """(float64 loss, model output) of one batch. The 2025 single-query ResUNet ('snr') trains on one non-silent slot
+    per mixture drawn from `generator`; validation (generator None) scores every non-silent slot."""
     if loss not in sum(LOSSES.values(), ()):
         raise ValueError(f"unknown loss {loss!r}; expected one of {', '.join(sum(LOSSES.values(), ()))}")
     mixture = batch["mixture"]  # (B, 4, L)
@@ -564,9 +538,8 @@ def compute_loss(model, batch: dict, loss: str, generator: torch.Generator | Non
 
 @torch.no_grad()
 def validate(model, batches, config: TrainConfig, loss: str, autocast, world_size: int, stop) -> dict:
-    """Validation loss over this rank's share of valid.json, plus CAPI-SDRi with oracle labels (separation) or the
-    label accuracies (tagging, by the tagger's predict rule), gathered over ranks. A stop request ends it after
-    the current batch: the result then covers fewer mixtures."""
+    """Validation loss and CAPI-SDRi with oracle labels (separation) or label accuracies (tagging), gathered over ranks;
+    a stop request ends it after the current batch (the result then covers fewer mixtures)."""
     model.eval()
     records, scores = [], []  # (loss, mixtures) per batch; per-mixture scores
     for batch in batches:  # on the device, rendered
@@ -607,9 +580,8 @@ def learning_rate(step: int, config: TrainConfig) -> float:
 
 # ---- Stop requests and the step status every rank reads together -------------------------------------------------
 class StopRequest:
-    """SIGINT, SIGTERM and SIGHUP as a request to stop after the current step. torchrun forwards every signal it
-    gets and schedulers signal every process, so a rank often gets one request twice within milliseconds: a signal
-    within REPEAT_SIGNAL_SECONDS of the first is the same request; a later Ctrl-C aborts at once."""
+    """SIGINT, SIGTERM and SIGHUP as a request to stop after the step. torchrun forwards signals and schedulers signal
+    every process, so a repeat within REPEAT_SIGNAL_SECONDS is the same request; a later Ctrl-C aborts at once."""
 
     def __init__(self, announce: bool):
         self.announce, self.signal_name, self.first_arrival = announce, None, 0.0
@@ -641,10 +613,9 @@ class StopRequest:
 
 
 class StepStatus:
-    """Loss, non-finite values, gradient norm and the stop request of the steps since the last read, summed on the
-    device and read by all ranks together only at agreed steps: log, checkpoint and validation steps, and otherwise
-    about every STATUS_READ_SECONDS (all ranks derive the next read step from the same reduced step time). No other
-    step waits for the device, and a stop is honoured within seconds even when one step takes seconds."""
+    """Loss, non-finite values and gradient norm summed on the device, read with the stop request by all ranks together
+    at log, checkpoint and validation steps and about every STATUS_READ_SECONDS (a step derived from the reduced step
+    time): no other step waits for the device, and a stop is honoured within seconds."""
 
     def __init__(self, config: TrainConfig, device, world_size: int, step: int, check_gradients: bool):
         self.config, self.device, self.world_size, self.check_gradients = config, device, world_size, check_gradients
@@ -713,11 +684,9 @@ def train(cli, config: TrainConfig, model_config, scene: SceneConfig, preset: st
         raise SystemExit(f"{out_dir} already holds a run ({last_path}); pass --resume to continue it or choose "
                          "another --out_dir")
     if preset.endswith("2blks") and not config.init_from and not cli.resume:
-        say(f"warning: preset {preset} is the second tagger stage; without --init_from it starts from the M2D "
-            "weights and a fresh head")
+        say(f"warning: preset {preset} is the second tagger stage; without --init_from its head starts fresh")
     if device.type == "cpu" and config.dtype == "bf16" and cpu_has_native_bf16() is False:
-        say("warning: --dtype bf16 on a CPU without native bf16 (AVX512-BF16 or AMX) is emulated and several times "
-            "slower than fp32 here; `python bench.py --only models` compares the two")
+        say("warning: --dtype bf16 on a CPU without native bf16 (AVX512-BF16 or AMX) is several times slower than fp32")
     torch.set_float32_matmul_precision("high" if config.tf32 else "highest")  # 'highest' (no TF32) is torch's default
     torch.backends.cudnn.benchmark = device.type == "cuda"  # fixed shapes: find the fastest convolutions once
     random.seed(config.seed + rank)
@@ -766,14 +735,12 @@ def train(cli, config: TrainConfig, model_config, scene: SceneConfig, preset: st
         f"dtype {config.dtype}{' | TF32 matmuls' if config.tf32 else ''}{' | compiled' if config.compile else ''}")
     say(f"global batch {config.global_batch} = batch {config.batch_size} x world size {world_size} x accumulation "
         f"{accumulation} | steps {step} -> {config.max_steps} | {valid_count} validation mixtures | out_dir {out_dir}")
-    say(f"data: {workers} loader workers per rank read the scenes, " +
-        (f"{device} renders them (RIR spectra cache {config.rir_cache_megabytes} MB)" if render_on == "device"
-         else "and render them"))
+    say(f"data: {workers} loader workers per rank read the scenes, "
+        f"{f'{device} renders them' if render_on == 'device' else 'and render them'}")
     norm_batch = config.batch_size * (world_size if synced else 1)  # mixtures one BatchNorm layer sees at once
     if norm_batch < config.global_batch:
-        say(f"warning: BatchNorm normalises over {norm_batch} mixtures ({'all ranks' if synced else 'per device'}), "
-            f"not over the global batch of {config.global_batch} as the official runs (SyncBatchNorm over 4 GPUs, no "
-            "accumulation); a larger --batch_size restores it if it fits in memory")
+        say(f"warning: BatchNorm normalises over {norm_batch} mixtures, not over the global batch of "
+            f"{config.global_batch} as the official runs; a larger --batch_size restores it if it fits in memory")
     if unused:
         say(f"{len(unused)} parameter tensors never get a gradient and are frozen (no find_unused_parameters): "
             f"{', '.join(unused[:4])}{', ...' if len(unused) > 4 else ''}")

@@ -56,7 +56,7 @@ def write_soundscapes(folder: Path, names, seed: int, sample_rate: int = SAMPLE_
 def checkpoints(tmp_path_factory):
     folder = tmp_path_factory.mktemp("checkpoints")
     torch.manual_seed(0)
-    tagger, separator = model.build_tagger(TAGGER), model.build_separator(SEPARATOR)
+    tagger, separator = model.build_tagger(TAGGER), model.Separator(SEPARATOR)
     with torch.no_grad():
         tagger.head.tracks[0][3].bias[len(LABELS)] = 50.0  # slot 0: always silence
         tagger.head.tracks[1][3].bias[len(LABELS)] = -50.0  # slot 1: never silence

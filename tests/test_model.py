@@ -24,7 +24,7 @@ def small_tagger(**overrides) -> model.Tagger:
 
 def small_separator(**overrides) -> model.Separator:
     torch.manual_seed(0)
-    separator = model.build_separator(model.SeparatorConfig(**{"base_channels": 4, **overrides}))
+    separator = model.Separator(model.SeparatorConfig(**{"base_channels": 4, **overrides}))
     randomise_batch_norms(separator)
     return separator.eval()
 
@@ -67,7 +67,7 @@ def test_full_size_parameter_counts_and_official_key_shapes():
     with torch.device("meta"):  # no memory, no initialisation
         tagger_1c = model.build_tagger(model.TaggerConfig())
         tagger_4c = model.build_tagger(model.TaggerConfig(num_channels=4))
-        separator = model.build_separator(model.SeparatorConfig())
+        separator = model.Separator(model.SeparatorConfig())
     assert sum(p.numel() for p in tagger_1c.backbone.parameters()) == 85_492_994
     assert model.count_parameters(tagger_1c) == 98_905_403
     assert model.count_parameters(tagger_4c) == 134_294_843

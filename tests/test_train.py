@@ -18,7 +18,7 @@ import bench
 import cli
 import model as model_module
 import train
-from model import SeparatorConfig, TaggerConfig, build_separator, build_tagger, load_separator, load_tagger
+from model import Separator, SeparatorConfig, TaggerConfig, build_tagger, load_separator, load_tagger
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = {
@@ -130,7 +130,7 @@ def test_official_optimizer_state_maps_by_parameter_name(kind, tmp_path):
         model = build_tagger(TaggerConfig(embed_dim=32, depth=2, num_heads=2, track_input_dim=16,
                                           track_hidden_dim=16, finetuning="all"))
     else:
-        model = build_separator(SeparatorConfig(base_channels=2, condition_dim=16))
+        model = Separator(SeparatorConfig(base_channels=2, condition_dim=16))
     parameters = dict(model.named_parameters())
     order = [name for name in parameters if name != "backbone.norm_stats"]
     if kind == "tagger":
