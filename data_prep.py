@@ -26,7 +26,7 @@ import torch
 import torchaudio
 
 from cli import StrictParser, add_config_flags, config_from_args
-from devset import LABELS, SAMPLE_RATE, SPLITS, DataIndex, cartesian, find_dev_set, metadata_files, write_audio
+from devset import LABELS, SAMPLE_RATE, SPLITS, DataIndex, find_dev_set, metadata_files, write_audio
 from evaluate import check_inputs
 from synth import GeneratedDataset, Renderer, SceneConfig
 
@@ -208,8 +208,11 @@ def _write_rooms(folder, count, first_decay, config, rng):
     folder.mkdir(parents=True, exist_ok=True)
     spherical = np.array([[azimuth, elevation, radius] for radius in (0.75, 1.5) for elevation in (0.0, 20.0)
                           for azimuth in range(0, 360, 30)], dtype=np.float64)
+    azimuth, elevation = np.deg2rad(spherical[:, 0]), np.deg2rad(spherical[:, 1])
+    positions = spherical[:, 2:] * np.stack([np.cos(azimuth) * np.cos(elevation), np.sin(azimuth) * np.cos(elevation),
+                                             np.sin(elevation)], axis=1)
     for number in range(count):
-        responses = room_responses(cartesian(spherical), config.rir_length, first_decay + 0.2 * number, rng)
+        responses = room_responses(positions, config.rir_length, first_decay + 0.2 * number, rng)
         write_sofa(folder / f"room_{number:02d}.sofa", responses, spherical)
 
 

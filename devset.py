@@ -100,7 +100,11 @@ class SofaRoom:
         self.stored = stored  # (M, 3) as written in the file: what SpatialScaper (2025) metadata holds
         if kind not in ("spherical", "cartesian"):
             raise ValueError(f"{self.path}: SourcePosition Type {kind!r}, expected 'cartesian' or 'spherical'")
-        self.positions = cartesian(stored) if kind == "spherical" else stored  # what SpAudSyn metadata holds
+        self.positions = stored  # cartesian: what SpAudSyn metadata holds
+        if kind == "spherical":  # degrees, degrees, metres, converted as python-sofa does (its float order)
+            azimuth, elevation, radius = np.deg2rad(stored[:, 0]), np.deg2rad(stored[:, 1]), stored[:, 2]
+            self.positions = np.stack([radius * np.cos(azimuth) * np.cos(elevation),
+                                       radius * np.sin(azimuth) * np.cos(elevation), radius * np.sin(elevation)], 1)
         self.rir_length = math.ceil(self.native_length * SAMPLE_RATE / self.native_rate)  # after resampling
         self._file, self._pid = None, None
 
@@ -133,13 +137,6 @@ class SofaRoom:
         energies = np.einsum("ij,ij->i", response, response)
         norm = math.sqrt(float(np.mean(energies))) if normalisation == "rms" else float(np.mean(np.sqrt(energies)))
         return response / norm if norm > 0 else response
-
-
-def cartesian(spherical):
-    """[M, 3] (azimuth degrees, elevation degrees, radius metres) -> [M, 3] (x, y, z) metres, as python-sofa."""
-    azimuth, elevation, radius = np.deg2rad(spherical[:, 0]), np.deg2rad(spherical[:, 1]), spherical[:, 2]
-    return np.stack([radius * np.cos(azimuth) * np.cos(elevation), radius * np.sin(azimuth) * np.cos(elevation),
-                     radius * np.sin(elevation)], axis=1)
 
 
 def open_room(path) -> SofaRoom:

@@ -320,7 +320,7 @@ class RirSpectra:
     power per bin over all channels (for Parseval levels) and the direct-path window's rfft; misses in one call."""
 
     def __init__(self, device, megabytes):
-        self.device, self.megabytes = torch.device(device), megabytes
+        self.device, self.megabytes, self.bytes = torch.device(device), megabytes, 0
         self.entries = collections.OrderedDict()  # key -> Spectra, least recently used first
 
     def lookup(self, keys, fft_length, channels):
@@ -335,10 +335,9 @@ class RirSpectra:
         if missing:
             found |= self._compute(missing)
             self.entries |= {key: found[key] for key in missing}
-        bins = fft_length // 2 + 1
-        keep = self.megabytes * 2 ** 20 // (bins * (8 * channels + 12))  # bytes of an entry with a direct path
-        while len(self.entries) > keep:
-            self.entries.popitem(last=False)
+            self.bytes += sum(part.nbytes for key in missing for part in found[key] if part is not None)
+        while self.bytes > self.megabytes * 2 ** 20:
+            self.bytes -= sum(part.nbytes for part in self.entries.popitem(last=False)[1] if part is not None)
         return [found[key] for key in keys]
 
     def _compute(self, keys):
@@ -362,8 +361,9 @@ class RirSpectra:
         spectra = {}
         for key, rows, (response, _) in zip(keys, transformed, reads):
             room_rows = rows[:len(response)]  # (R, F)
-            spectra[key] = Spectra(rows[:key[5]], (room_rows.real.square() + room_rows.imag.square()).mean(0),
-                                   rows[len(response)] if key[3] else None)
+            # Copies: a view would keep all rows of the transform alive, uncounted.
+            spectra[key] = Spectra(rows[:key[5]].clone(), (room_rows.real.square() + room_rows.imag.square()).mean(0),
+                                   rows[len(response)].clone() if key[3] else None)
         return spectra
 
 
