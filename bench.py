@@ -173,7 +173,7 @@ def bench_evaluation(config: BenchConfig, device, data: Path) -> list:
         result = subprocess.run([sys.executable, "evaluate.py", "--tagger", f"{folder}/tagger.pt", "--separator",
                                  f"{folder}/separator.pt", "--data", str(data / "synthesized" / "test"), "--device",
                                  device.type], capture_output=True, text=True, cwd=Path(__file__).parent)
-    line = next((line for line in result.stdout.splitlines() if line.startswith("Inference speed")), "")
+    line = next((line for line in result.stderr.splitlines() if line.startswith("Inference speed")), "")
     value = float(line.split()[2]) if line else float("nan")
     return [("evaluation: M2D-AT 1c + ResUNetK, batch 2", value, "soundscapes/s" if line else result.stderr[-200:])]
 

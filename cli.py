@@ -54,11 +54,10 @@ def add_config_flags(parser, cls, prefix: str = "", dest_prefix: str | None = No
         parser.add_argument(f"--{prefix}{field.name}", **option)
 
 
-def config_from_args(arguments: argparse.Namespace, cls, dest_prefix: str = ""):
+def config_from_args(arguments: argparse.Namespace, cls):
     """The dataclass `cls` built from the parsed flags that add_config_flags made for it."""
     values = vars(arguments)
-    return cls(**{field.name: values[dest_prefix + field.name] for field in dataclasses.fields(cls)
-                  if dest_prefix + field.name in values})
+    return cls(**{field.name: values[field.name] for field in dataclasses.fields(cls) if field.name in values})
 
 
 def valid_flags(parser: argparse.ArgumentParser, arguments: argparse.Namespace | None = None) -> list[str]:

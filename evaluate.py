@@ -315,12 +315,12 @@ def load_system(config: EvaluateConfig, device: torch.device) -> tuple[S5, int, 
     return system, count_parameters(system), models
 
 
-def separate_all(system: S5, dataset, config: EvaluateConfig, device, timing: dict, oracle: bool = False):
-    """Yields (batch, labels, probabilities [B, 3], waveforms [B, 3, L], oracle waveforms or None) on the CPU; with
-    oracle the separator also runs with the (first 3) reference labels: what it delivers with a perfect tagger."""
+def separate_all(system: S5, dataset, config: EvaluateConfig, device, oracle: bool = False):
+    """Yields (batch, labels, probabilities [B, 3], waveforms [B, 3, L], oracle waveforms or None) on the CPU, and
+    prints the speed at the end; with oracle the separator also runs with the (first 3) reference labels."""
     loader = torch.utils.data.DataLoader(dataset, batch_size=config.batch_size, num_workers=config.num_workers,
                                          collate_fn=collate_soundscapes, pin_memory=device.type == "cuda")
-    done, start, shown = 0, time.perf_counter(), time.perf_counter()
+    done, model_seconds, start, shown = 0, 0.0, time.perf_counter(), time.perf_counter()
     for batch in loader:
         started = time.perf_counter()
         mixture = batch["mixture"].to(device, non_blocking=True)
@@ -329,14 +329,16 @@ def separate_all(system: S5, dataset, config: EvaluateConfig, device, timing: di
             oracle_waveforms = (system.separator(mixture, batch["label_vector"][:, :NUM_SLOTS].to(device))
                                 if oracle else None)
         waveforms = output["waveform"].float().cpu()  # (B, 3, L); the copy also waits for the GPU
-        timing["model_seconds"] += time.perf_counter() - started
+        model_seconds += time.perf_counter() - started
         yield (batch, output["label"], output["probabilities"].float().cpu(), waveforms,
                None if oracle_waveforms is None else oracle_waveforms.float().cpu())
         done += len(waveforms)
         if time.perf_counter() - shown > 10:  # a progress line every 10 s
             shown = time.perf_counter()
             print(f"separated {done}/{len(dataset)} soundscapes ({done / (shown - start):.1f}/s)", file=sys.stderr)
-    timing |= {"soundscapes": done, "seconds": time.perf_counter() - start}
+    print(f"Inference speed: {done / (time.perf_counter() - start):.2f} soundscapes/s overall, "
+          f"{done / max(model_seconds, 1e-9):.2f} soundscapes/s in the networks ({done} soundscapes, batch "
+          f"{config.batch_size}, {device.type}{', bf16' if config.bf16 else ''})", file=sys.stderr)
 
 
 def write_sources(folder: Path, soundscape: str, labels, waveforms, subtype="PCM_16") -> list:
@@ -348,11 +350,11 @@ def write_sources(folder: Path, soundscape: str, labels, waveforms, subtype="PCM
 
 
 def evaluate_system(system: S5, dataset, config: EvaluateConfig, device, waveform_dir=None, oracle=False):
-    """Separate and score every soundscape -> (accumulator, {soundscape: probabilities}, timing, oracle accumulator)."""
+    """Separate and score every soundscape -> (accumulator, {soundscape: probabilities}, oracle accumulator)."""
     accumulator, oracle_accumulator = MetricAccumulator(config.metric), MetricAccumulator(config.metric)
-    probabilities, timing = {}, {"model_seconds": 0.0}
+    probabilities = {}
     for batch, labels, slot_probabilities, waveforms, oracle_waveforms in separate_all(system, dataset, config, device,
-                                                                                       timing, oracle):
+                                                                                       oracle):
         references = batch["dry_sources"][:, :, 0]  # (B, R, L)
         score_mixtures(accumulator, labels, waveforms, batch["label"], references, batch["mixture"][:, 0],
                        batch["soundscape"])
@@ -363,14 +365,7 @@ def evaluate_system(system: S5, dataset, config: EvaluateConfig, device, wavefor
             probabilities[soundscape] = slot_probabilities[b].tolist()
             if waveform_dir is not None:
                 write_sources(waveform_dir, soundscape, labels[b], waveforms[b], config.float_wav and "FLOAT" or "PCM_16")
-    return accumulator, probabilities, timing, oracle_accumulator if oracle else None
-
-
-def print_speed(timing: dict, config: EvaluateConfig, device):
-    count = timing["soundscapes"]
-    print(f"Inference speed: {count / timing['seconds']:.2f} soundscapes/s overall, "
-          f"{count / max(timing['model_seconds'], 1e-9):.2f} soundscapes/s in the networks ({count} soundscapes, "
-          f"batch {config.batch_size}, {device.type}{', bf16' if config.bf16 else ''})")
+    return accumulator, probabilities, oracle_accumulator if oracle else None
 
 
 # ---- The four modes ----------------------------------------------------------------------------------------------
@@ -382,12 +377,11 @@ def run_inference(config: EvaluateConfig):
     system, nparams, models = load_system(config, device)
     prepare_folders(folders)
     data = Path(config.data)
-    accumulator, probabilities, timing, oracle = evaluate_system(
+    accumulator, probabilities, oracle = evaluate_system(
         system, WaveformDataset(data / "soundscape", data / "oracle_target"), config, device,
         Path(config.out) / "waveforms" if config.save_waveforms else None, oracle=config.report)
     results = build_results(accumulator, config, nparams, probabilities, models)
     print_results(results)
-    print_speed(timing, config, device)
     write_outputs(config, results, folders, {"tagger": config.tagger, "separator": config.separator},
                   build_results(oracle, config) if oracle is not None else None)
 
@@ -449,26 +443,24 @@ def run_submission(config: EvaluateConfig):
     system, nparams, models = load_system(config, device)
 
     print(f"[1/3] dev test set {data} -> {folder / DEV_RESULTS_FILENAME}", file=sys.stderr)
-    accumulator, probabilities, timing, _ = evaluate_system(
+    accumulator, probabilities, _ = evaluate_system(
         system, WaveformDataset(data / "soundscape", data / "oracle_target"), config, device)
     results = build_results(accumulator, config, nparams, probabilities, models)
     print_results(results)
-    print_speed(timing, config, device)
     official = [{"probabilities" if key == "est_label_probabilities" else key: value
                  for key, value in detail.items() if key != "sources"} for detail in results["details"]]
     write_json(results | {"details": official}, folder / DEV_RESULTS_FILENAME)
 
     print(f"[2/3] evaluation set {eval_root / 'soundscape'} -> {folder / 'eval_out'}", file=sys.stderr)
     (folder / "eval_out").mkdir(parents=True, exist_ok=True)
-    entries, timing = [], {"model_seconds": 0.0}
+    entries = []
     for batch, labels, slot_probabilities, waveforms, _ in separate_all(
-            system, WaveformDataset(eval_root / "soundscape"), config, device, timing):
+            system, WaveformDataset(eval_root / "soundscape"), config, device):
         for b, soundscape in enumerate(batch["soundscape"]):
             written = write_sources(folder / "eval_out", soundscape, labels[b], waveforms[b])
             entries.append({"soundscape": soundscape, "estimate": [
                 {"filename": filename, "label": labels[b][slot], "probability": float(slot_probabilities[b, slot])}
                 for slot, filename in written]})
-    print_speed(timing, config, device)
     write_json({"nparams": nparams, "probabilities": entries,
                 "config": dataclasses.asdict(config) | {"models": models}}, folder / EVAL_RESULTS_FILENAME)
 

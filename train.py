@@ -15,6 +15,7 @@ accumulation. Training scenes are an endless stream, scene number a pure functio
 --resume continues exactly. SIGINT, SIGTERM and SIGHUP stop all ranks after the step, with last.pt written.
 """
 import argparse
+import ctypes
 import dataclasses
 import gc
 import json
@@ -493,6 +494,15 @@ def step_batches(start: int, max_steps: int, accumulation: int, rank: int, world
             yield list(range(first, first + batch_size))
 
 
+def keep_freed_memory(device: torch.device) -> None:
+    """On the CPU, keep freed memory mapped (glibc): each step frees its activations, and by default faulting them
+    back in costs about 20 % of a demo training step (BENCHMARKS.md)."""
+    mallopt = getattr(ctypes.CDLL(None), "mallopt", None) if sys.platform.startswith("linux") else None
+    if device.type == "cpu" and mallopt is not None:
+        mallopt(-3, 1 << 30)  # M_MMAP_THRESHOLD: arrays up to 1 GiB come from the heap ...
+        mallopt(-1, (1 << 31) - 1)  # M_TRIM_THRESHOLD: ... and up to 2 GiB of free heap stays mapped
+
+
 def ignore_stop_signals(worker_id: int) -> None:
     """Loader workers ignore Ctrl-C and SIGTERM: the main process shuts them down after saving."""
     for signum in STOP_SIGNALS[:2]:
@@ -683,10 +693,9 @@ def train(cli, config: TrainConfig, model_config, scene: SceneConfig, preset: st
     if not cli.resume and last_path.exists():
         raise SystemExit(f"{out_dir} already holds a run ({last_path}); pass --resume to continue it or choose "
                          "another --out_dir")
-    if preset.endswith("2blks") and not config.init_from and not cli.resume:
-        say(f"warning: preset {preset} is the second tagger stage; without --init_from its head starts fresh")
     if device.type == "cpu" and config.dtype == "bf16" and cpu_has_native_bf16() is False:
         say("warning: --dtype bf16 on a CPU without native bf16 (AVX512-BF16 or AMX) is several times slower than fp32")
+    keep_freed_memory(device)
     torch.set_float32_matmul_precision("high" if config.tf32 else "highest")  # 'highest' (no TF32) is torch's default
     torch.backends.cudnn.benchmark = device.type == "cuda"  # fixed shapes: find the fastest convolutions once
     random.seed(config.seed + rank)
