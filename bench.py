@@ -106,6 +106,7 @@ def bench_synthesis(config: BenchConfig, device, data: Path) -> list:
 def bench_models(config: BenchConfig, device) -> list:
     """Forward + backward ms of the full-size models, batch 2 x 10 s (CPU: 1 s), fp32 / bf16 / compiled."""
     rows, seconds = [], 10.0 if device.type == "cuda" else 1.0
+    train.keep_freed_memory(device)  # as train.py runs them
     torch.manual_seed(0)
     mixture = torch.randn(2, 4, int(seconds * SAMPLE_RATE), device=device) * 0.1
     queries = torch.zeros(2, NUM_SLOTS, len(LABELS), device=device)
@@ -153,7 +154,8 @@ def bench_training(config: BenchConfig, device, data: Path) -> list:
                 entries = [json.loads(line) for line in (Path(folder) / "run" / "log.jsonl").read_text().splitlines()
                            if '"train"' in line] if result.returncode == 0 else []
             if not entries:
-                rows.append((f"training: {recipe}, {variant}", float("nan"), f"failed: {result.stderr.strip()[-200:]}"))
+                rows.append((f"training: {recipe}, {variant}", float("nan"), f"failed, exit {result.returncode} "
+                             f"(-9: killed, e.g. out of memory) {result.stderr.strip()[-200:]}"))
                 continue
             last = entries[-1]
             rows.append((f"training: {recipe}, {variant}, per device {last['mixtures_per_s'] * last['ms_per_step'] / 1000:.0f}"
@@ -201,8 +203,8 @@ def main():
     parser = StrictParser(description=__doc__)
     add_config_flags(parser, BenchConfig)
     config = config_from_args(parser.parse_args(), BenchConfig)
-    unknown = set(config.only.split(",")) - set(SECTIONS)
-    if unknown:
+    wanted = config.only.split(",")
+    if unknown := set(wanted) - set(SECTIONS):
         parser.error(f"--only {config.only}: unknown sections {', '.join(sorted(unknown))}; expected some of "
                      f"{', '.join(SECTIONS)}")
     try:
@@ -210,7 +212,6 @@ def main():
     except ValueError as error:
         parser.error(str(error))
     data = Path(config.data) / "dev_set"
-    wanted = config.only.split(",")
     if set(wanted) & {"synthesis", "training", "evaluation"} and not data.exists():
         print(f"building the dev-set-like bench set in {data} ...", file=sys.stderr)
         data_prep.make_demo(config.data, data_prep.DemoConfig(rir_length=174763, event_seconds_max=10, num_valid=32,
