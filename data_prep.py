@@ -26,9 +26,10 @@ import torch
 import torchaudio
 
 from cli import StrictParser, add_config_flags, config_from_args
-from devset import LABELS, SAMPLE_RATE, SPLITS, DataIndex, find_dev_set, metadata_files, write_audio
+from devset import (LABELS, NUM_SLOTS, SAMPLE_RATE, SILENCE, SPLITS, DataIndex, find_dev_set, metadata_files,
+                    write_audio)
 from evaluate import check_inputs
-from synth import GeneratedDataset, Renderer, SceneConfig
+from synth import SCENE_2025, GeneratedDataset, Renderer, SceneConfig
 
 SPEED_OF_SOUND = 343.0  # m/s
 MIC_POSITIONS = 0.042 * np.array([[1, 1, 1], [1, -1, -1], [-1, 1, -1], [-1, -1, 1]]) / np.sqrt(3)  # m, tetrahedron
@@ -36,9 +37,9 @@ INTERFERENCE_LABELS = ("Hum", "Rain", "Wind")  # demo interference classes (not 
 MIN_RIR_LENGTH = 1100  # taps; the latest early reflection of a demo room ends near tap 1025
 REQUIRED_FOLDERS = (  # the folders the official verify.py requires in the dev set (and metadata/valid.json)
     "config", "interference/train", "interference/valid", "noise/train", "noise/valid", "room_ir/train",
-    "room_ir/valid", "sound_event/train", "sound_event/valid", "synthesized/test/soundscape",
-    "synthesized/test/oracle_target", "metadata/valid",
+    "room_ir/valid", "sound_event/train", "sound_event/valid", "metadata/valid",
 )
+TEST_FOLDERS = {2026: "synthesized/test", 2025: "test"}  # + /soundscape and /oracle_target
 PICKUP_LISTS = ("FSD50K", "EARS")  # config/<name>_config.json: the sound events add-data takes from each corpus
 PICKUP_KEYS = ("file_name", "t4_label", "convert_path")  # the keys of every pick-up list entry
 SEMHEAR_SPLITS = (("train", "train"), ("val", "valid"))  # bg_scaper_fmt split -> interference split
@@ -66,7 +67,8 @@ RESAMPLE_FILTER = dict(resampling_method="sinc_interp_kaiser", lowpass_filter_wi
 @dataclasses.dataclass
 class DemoConfig:
     out: str = "data"  # the dev set is written to OUT/dev_set
-    files_per_class: int = 6  # per target class in sound_event/train, spread over 3 sub-folders
+    year: int = 2026  # 2026 (SpAudSyn metadata, synthesized/test) or 2025 (SpatialScaper, test/, flat classes)
+    files_per_class: int = 6  # per target class in sound_event/train, spread over 3 sub-folders (2026)
     valid_files_per_class: int = 3  # per target class in sound_event/valid (3 sub-folders: duplicates need them)
     event_seconds_min: float = 1.0  # s, shortest demo event file
     event_seconds_max: float = 4.0  # s, longest demo event file (10+ s files give random excerpts)
@@ -74,7 +76,7 @@ class DemoConfig:
     num_valid_rooms: int = 1  # SOFA rooms in room_ir/valid
     rir_length: int = 4096  # taps per RIR (the real dev set has 174763)
     num_valid: int = 16  # metadata/valid mixtures (drawn from the valid folders)
-    num_test: int = 24  # synthesized/test mixtures (drawn from the valid folders)
+    num_test: int = 24  # test mixtures (drawn from the valid folders)
     seed: int = 0  # everything in the demo is a function of this seed
 
 
@@ -177,19 +179,22 @@ def write_sofa(path, responses, spherical_positions, sample_rate=SAMPLE_RATE):
 
 # ---- Rendering metadata to files ---------------------------------------------------------------------------------
 def render_metadata(metadata_path, out_dir, data_root=None, subtype="FLOAT", cache_megabytes=RENDER_CACHE_MEGABYTES):
-    """Every mixture of metadata to OUT/soundscape/ and OUT/oracle_target/ (existing files checked first) -> count."""
+    """Every mixture of metadata to OUT/soundscape/ and OUT/oracle_target/ (existing files checked first) -> count.
+    Targets are named <name>_<slot>_<label>.wav, from 2025 (SpatialScaper) metadata <name>_<label>.wav."""
     out_dir = Path(out_dir)
     files = [path for path, _ in metadata_files(metadata_path)]
     renderer = Renderer(data_root if data_root is not None else find_dev_set(metadata_path), "cpu", cache_megabytes)
     files.sort(key=lambda file: not (out_dir / "soundscape" / f"{file.stem}.wav").exists())  # stable
     for file in files:
         try:
-            mixture, dry, labels = renderer.render_scene(json.loads(file.read_text()))
+            scene = json.loads(file.read_text())
+            mixture, dry, labels = renderer.render_scene(scene)
         except (ValueError, KeyError, TypeError) as error:
             raise ValueError(f"{file}: {error}") from None
         write_audio(out_dir / "soundscape" / f"{file.stem}.wav", mixture.numpy(), subtype)
         for slot, (label, source) in enumerate(zip(labels, dry)):
-            write_audio(out_dir / "oracle_target" / f"{file.stem}_{slot}_{label}.wav", source[0].numpy(), subtype)
+            name = f"{file.stem}_{label}.wav" if isinstance(scene["room"], str) else f"{file.stem}_{slot}_{label}.wav"
+            write_audio(out_dir / "oracle_target" / name, source[0].numpy(), subtype)
     return len(files)
 
 
@@ -224,7 +229,8 @@ def _build_demo(dev_set, config):
                                                         ("valid", config.valid_files_per_class, 2)):
         for class_index, label in enumerate(LABELS):
             for number in range(files_per_class):
-                name = f"take{number % 3}/{label.lower()}_{number:02d}.wav"  # sub-folders: duplicates avoid them
+                name = f"take{number % 3}/" * (config.year == 2026) + f"{label.lower()}_{number:02d}.wav"  # 2026
+                # duplicates avoid each other's sub-folders; 2025 draws only the files directly in <Label>/
                 write_audio(dev_set / "sound_event" / split / label / name, class_signal(class_index, lengths(), rng))
         for label in INTERFERENCE_LABELS:
             for number in range(interference_files):
@@ -240,20 +246,26 @@ def _build_demo(dev_set, config):
     (dev_set / "config").mkdir()
     for name in PICKUP_LISTS:  # official format; empty because the demo's sound events are procedural
         (dev_set / "config" / f"{name}_config.json").write_text("[]\n")
-    validation = GeneratedDataset(dev_set, SceneConfig(), length=config.num_valid, seed=config.seed + 1,
-                                  split="valid")
+    scene = SceneConfig(**SCENE_2025) if config.year == 2025 else SceneConfig()
+    validation = GeneratedDataset(dev_set, scene, length=config.num_valid, seed=config.seed + 1, split="valid")
     names = _save_scenes(validation, config.num_valid, dev_set / "metadata" / "valid")
-    (dev_set / "metadata" / "valid.json").write_text(json.dumps(
-        [{"metadata_path": f"valid/{name}.json"} for name in names], indent=1))
-    test = dev_set / "synthesized" / "test"
-    _save_scenes(GeneratedDataset(dev_set, SceneConfig(), length=config.num_test, seed=config.seed + 2,
-                                  split="valid"), config.num_test, test / "metadata")
+    entries = [{"metadata_path": f"valid/{name}.json"} for name in names]
+    if config.year == 2025:  # the slot order: the targets in onset order, padded with silence
+        for number, entry in enumerate(entries):
+            labels = [event["label"] for event in validation.scene(number)["fg_events"]]
+            entry["ref_event"] = labels + [SILENCE] * (NUM_SLOTS - len(labels))
+    (dev_set / "metadata" / "valid.json").write_text(json.dumps(entries, indent=1))
+    test = dev_set / TEST_FOLDERS[config.year]
+    _save_scenes(GeneratedDataset(dev_set, scene, length=config.num_test, seed=config.seed + 2, split="valid"),
+                 config.num_test, test / "metadata")
     render_metadata(test / "metadata", test, data_root=dev_set, subtype="PCM_16")  # 16-bit like the official
 
 
 def make_demo(out="data", config=None):
     """Write the demo dev set to OUT/dev_set (built next to it, renamed when complete) -> its path."""
     config = dataclasses.replace(config or DemoConfig(), out=str(out))
+    if config.year not in TEST_FOLDERS:
+        raise ValueError(f"--year {config.year}: expected 2025 or 2026")
     if config.rir_length < MIN_RIR_LENGTH:
         raise ValueError(f"--rir_length {config.rir_length}: expected at least {MIN_RIR_LENGTH} taps")
     dev_set = Path(config.out) / "dev_set"
@@ -269,14 +281,24 @@ def make_demo(out="data", config=None):
 
 
 # ---- Verify ------------------------------------------------------------------------------------------------------
-def verify(data):
-    """(summary lines, problems) of a dev set: folders, file formats, pick-up lists, metadata references, test set."""
+def dev_set_year(data) -> int:
+    """2025 for the 2025 layout (test/ and no synthesized/test/), else 2026."""
+    return 2025 if (Path(data) / "test").is_dir() and not (Path(data) / TEST_FOLDERS[2026]).is_dir() else 2026
+
+
+def verify(data, year=None):
+    """(summary lines, problems) of a dev set: folders, file formats, pick-up lists, config/filelist.json, metadata
+    references and format, test set. year: 2025 or 2026 (None: from the folders)."""
     data = Path(data)
     if not data.is_dir():
         return [], [f"{data}: not a folder (expected the dev set, e.g. data/dev_set)"]
-    missing = [data / name for name in REQUIRED_FOLDERS if not (data / name).is_dir()]
+    detected = dev_set_year(data)
+    year = year or detected
+    test_folder = TEST_FOLDERS[year]
+    required = REQUIRED_FOLDERS + (f"{test_folder}/soundscape", f"{test_folder}/oracle_target")
+    missing = [data / name for name in required if not (data / name).is_dir()]
     problems = [f"{folder}: missing folder" for folder in missing]
-    summary = []
+    summary = [f"{year} layout" + ("" if year == detected else f" (--year; the folders are of {detected})")]
     for split in SPLITS:
         index = DataIndex(data, split, strict=False)
         problems += [problem for problem in index.problems
@@ -303,6 +325,16 @@ def verify(data):
             summary.append(f"config/{path.name}: {len(read_pickup_list(path))} sound events to add")
         except ValueError as error:
             problems.append(str(error))
+    filelist = data / "config" / "filelist.json"
+    if filelist.is_file():  # as the official 2025 verify.py --source_dir: paths from the repository root
+        try:
+            listed = json.loads(filelist.read_text())
+            absent = [path for path in listed if not (data / PurePosixPath(path).relative_to("data/dev_set")).exists()]
+        except (ValueError, TypeError) as error:
+            problems.append(f"{filelist}: expected a JSON list of 'data/dev_set/...' paths ({error})")
+        else:
+            summary.append(f"config/filelist.json: {len(listed)} files listed")
+            problems += [f"{filelist}: lists {path}, which is missing" for path in absent]
     valid = data / "metadata" / "valid.json"
     if valid.is_file():
         try:
@@ -313,16 +345,21 @@ def verify(data):
         renderer = Renderer(data)
         for file in files:  # every referenced file and position, read as rendering reads them
             try:
-                renderer.prepare(json.loads(file.read_text()))
-            except (OSError, ValueError, KeyError, TypeError) as error:
+                scene = json.loads(file.read_text())
+                found = 2025 if isinstance(scene.get("room"), str) else 2026  # SpatialScaper: the room by name
+                if found != year:
+                    raise ValueError(f"{'SpatialScaper (2025)' if found == 2025 else 'SpAudSyn (2026)'} metadata in "
+                                     f"a {year} dev set")
+                renderer.prepare(scene)
+            except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
                 problems.append(f"{file}: {error}")
         summary.append(f"metadata: {len(files)} validation mixtures")
     else:
         problems.append(f"{valid}: missing validation metadata")
-    test = data / "synthesized" / "test"
+    test = data / test_folder
     if (test / "soundscape").is_dir() and (test / "oracle_target").is_dir():
         try:  # what evaluate.py checks: names, rates, channels, lengths
-            summary.append(f"synthesized/test: {len(check_inputs(test))} soundscapes")
+            summary.append(f"{test_folder}: {len(check_inputs(test))} soundscapes")
         except ValueError as error:
             problems += [line.strip() for line in str(error).splitlines()[1:]] or [str(error)]
     return summary, problems
@@ -492,8 +529,9 @@ def main():
     parser = StrictParser(description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
     add_config_flags(commands.add_parser("demo", help="write the procedural demo dev set"), DemoConfig)
-    commands.add_parser("verify", help="check a dev set").add_argument("--data", default="data/dev_set",
-                                                                       help="the dev-set folder")
+    verify_parser = commands.add_parser("verify", help="check a dev set")
+    verify_parser.add_argument("--data", default="data/dev_set", help="the dev-set folder")
+    verify_parser.add_argument("--year", type=int, choices=(2025, 2026), help="its layout (default: from the folders)")
     add_config_flags(commands.add_parser("add-data", help="the official add_data.sh step"), AddDataConfig)
     render = commands.add_parser("render", help="render SpAudSyn metadata to WAV files")
     render.add_argument("--metadata", default="data/dev_set/metadata/valid.json", help="valid.json or a folder")
@@ -514,7 +552,7 @@ def run(arguments):
         size = sum(p.stat().st_size for p in dev_set.rglob("*") if p.is_file()) / 2 ** 20
         print(f"demo dev set written to {dev_set} ({size:.1f} MiB) in {time.perf_counter() - start:.1f} s")
     elif arguments.command == "verify":
-        summary, problems = verify(arguments.data)
+        summary, problems = verify(arguments.data, arguments.year)
         print("\n".join(summary + [f"{len(problems)} problem(s):\n  " + "\n  ".join(problems) if problems else "ok"]))
         sys.exit(1 if problems else 0)
     elif arguments.command == "add-data":

@@ -8,11 +8,12 @@ the challenge submission, or compare two evaluations.
         --data data/dev_set/synthesized/test --eval_data data/eval_set/synthesized/eval --out submission
     python evaluate.py --compare eval_out/A eval_out/B      # B - A, mixture by mixture, with bootstrap intervals
 
-DATA holds soundscape/<soundscape>.wav (4-channel, 32 kHz) and oracle_target/<soundscape>_<i>_<label>.wav. Estimates
-are mono WAVs named <soundscape>_<i>_<label>.wav (2026) or <soundscape>_<label>.wav (2025); a soundscape without any
-is predicted silence. OUT/results.json has the official layout plus, per mixture, `est_label_probabilities` and
-`sources` (report.pair_sources); waveforms are 16-bit PCM like the official files (i = the slot after silent slots
-moved last). Nothing existing is replaced without --overwrite.
+DATA holds soundscape/<soundscape>.wav (4-channel, 32 kHz) and oracle_target/<soundscape>_<i>_<label>.wav (a 2025
+test set <soundscape>_<label>.wav: scored with CA-SDRi, its waveforms and submission get the 2025 names). Estimates
+are mono WAVs named either way; a soundscape without any is predicted silence. OUT/results.json has the official
+layout plus, per mixture, `est_label_probabilities` and `sources` (report.pair_sources); waveforms are 16-bit PCM
+like the official files (i = the slot after silent slots moved last). Nothing existing is replaced without
+--overwrite.
 """
 import dataclasses
 import json
@@ -47,10 +48,10 @@ class EvaluateConfig:
     separator: str = ""  # inference mode: separator checkpoint (official .ckpt or ours)
     data: str = "data/dev_set/synthesized/test"  # folder holding soundscape/ and oracle_target/
     out: str = ""  # folder for results.json ('' = print only)
-    metric: str = field(default="capi-sdri", metadata={"help": "capi-sdri (2026) or ca-sdri (2025)",
-                                                       "choices": tuple(METRIC_NAMES)})
+    metric: str = field(default="auto", metadata={"choices": ("auto", *METRIC_NAMES), "help": "capi-sdri (2026), "
+                        "ca-sdri (2025: also the 2025 file names and package) or auto: by the data's reference names"})
     overwrite: bool = False  # replace an earlier run's results.json, waveforms and report
-    save_waveforms: bool = False  # write OUT/waveforms/<soundscape>_<i>_<label>.wav
+    save_waveforms: bool = False  # write OUT/waveforms/<soundscape>_<i>_<label>.wav (2025: <soundscape>_<label>.wav)
     float_wav: bool = False  # write 32-bit float WAVs instead of 16-bit PCM
     device: str = "auto"  # auto (CUDA if available), cpu or cuda
     bf16: bool = False  # bfloat16 autocast for the networks (the STFTs and metrics stay float32)
@@ -249,10 +250,11 @@ def build_results(accumulator: MetricAccumulator, config: EvaluateConfig, nparam
 def print_results(results: dict, timing: dict | None = None):
     """The official summary lines; with timing also the time spent reading files and computing metrics."""
     name = report.metric_name(results)
-    titles = {"accuracy_mix": "Accuracy (mixture)", "accuracy_src": "Accuracy (source) ", "accuracy": "Label accuracy"}
+    titles = {"accuracy_mix": "Accuracy (mixture)", "accuracy_src": "Accuracy (source) ",
+              "accuracy": "Label prediction accuracy"}  # 2025: printed with 2 decimals, as the official
     lines = {name: results[name]["mean"]} | {titles[key]: value for key, value in results["label_metrics"].items()}
     for title, value in lines.items():
-        print(f"{title}: {'nan' if value is None else f'{value:.3f}'}")
+        print(f"{title}: {'nan' if value is None else f'{value:.2f}' if title.startswith('Label') else f'{value:.3f}'}")
     if "nparams" in results:
         print(f"Total parameters: {results['nparams']:,}")
     if timing:
@@ -341,9 +343,11 @@ def separate_all(system: S5, dataset, config: EvaluateConfig, device, oracle: bo
           f"{config.batch_size}, {device.type}{', bf16' if config.bf16 else ''})", file=sys.stderr)
 
 
-def write_sources(folder: Path, soundscape: str, labels, waveforms, subtype="PCM_16") -> list:
-    """The non-silent slots of waveforms [3, L] as <soundscape>_<slot>_<label>.wav (PCM_16 as the official) -> names."""
-    written = [(slot, f"{soundscape}_{slot}_{label}.wav") for slot, label in enumerate(labels) if label != SILENCE]
+def write_sources(folder: Path, soundscape: str, labels, waveforms, subtype="PCM_16", slots=True) -> list:
+    """The non-silent slots of waveforms [3, L] as <soundscape>_<slot>_<label>.wav (2025, slots=False:
+    <soundscape>_<label>.wav; its labels are distinct), PCM_16 as the official -> [(slot, name)]."""
+    written = [(slot, f"{soundscape}_{slot}_{label}.wav" if slots else f"{soundscape}_{label}.wav")
+               for slot, label in enumerate(labels) if label != SILENCE]
     for slot, name in written:
         write_audio(folder / name, waveforms[slot].numpy(), subtype)
     return written
@@ -364,7 +368,8 @@ def evaluate_system(system: S5, dataset, config: EvaluateConfig, device, wavefor
         for b, soundscape in enumerate(batch["soundscape"]):
             probabilities[soundscape] = slot_probabilities[b].tolist()
             if waveform_dir is not None:
-                write_sources(waveform_dir, soundscape, labels[b], waveforms[b], config.float_wav and "FLOAT" or "PCM_16")
+                write_sources(waveform_dir, soundscape, labels[b], waveforms[b],
+                              "FLOAT" if config.float_wav else "PCM_16", slots=config.metric != "ca-sdri")
     return accumulator, probabilities, oracle_accumulator if oracle else None
 
 
@@ -427,8 +432,10 @@ def run_compare(config: EvaluateConfig):
 
 
 def run_submission(config: EvaluateConfig):
-    """As the official generate_waveform.sh: OUT/N/{eval_out/, eval_results.json, dev_set_test_results.json}, N.zip."""
-    name = f"{config.author}_{config.affiliation}_task4_{config.number}"
+    """As the official generate_waveform.sh: OUT/N/{eval_out/, eval_results.json, dev_set_test_results.json}, N.zip;
+    2025 (--metric ca-sdri): OUT/N_out/eval_out/<soundscape>_<label>.wav only, N_out.zip."""
+    slots = config.metric != "ca-sdri"
+    name = f"{config.author}_{config.affiliation}_task4_{config.number}" + ("" if slots else "_out")
     out, folder = Path(config.out), Path(config.out) / name
     if (folder / "eval_out").is_dir() and any((folder / "eval_out").iterdir()):
         raise ValueError(f"{folder / 'eval_out'} exists and is not empty; remove it or choose another --number")
@@ -442,14 +449,15 @@ def run_submission(config: EvaluateConfig):
     eval_soundscapes = check_inputs(eval_root, references=False, batch_size=config.batch_size)
     system, nparams, models = load_system(config, device)
 
-    print(f"[1/3] dev test set {data} -> {folder / DEV_RESULTS_FILENAME}", file=sys.stderr)
+    print(f"[1/3] dev test set {data}" + f" -> {folder / DEV_RESULTS_FILENAME}" * slots, file=sys.stderr)
     accumulator, probabilities, _ = evaluate_system(
         system, WaveformDataset(data / "soundscape", data / "oracle_target"), config, device)
     results = build_results(accumulator, config, nparams, probabilities, models)
     print_results(results)
     official = [{"probabilities" if key == "est_label_probabilities" else key: value
                  for key, value in detail.items() if key != "sources"} for detail in results["details"]]
-    write_json(results | {"details": official}, folder / DEV_RESULTS_FILENAME)
+    if slots:
+        write_json(results | {"details": official}, folder / DEV_RESULTS_FILENAME)
 
     print(f"[2/3] evaluation set {eval_root / 'soundscape'} -> {folder / 'eval_out'}", file=sys.stderr)
     (folder / "eval_out").mkdir(parents=True, exist_ok=True)
@@ -457,22 +465,34 @@ def run_submission(config: EvaluateConfig):
     for batch, labels, slot_probabilities, waveforms, _ in separate_all(
             system, WaveformDataset(eval_root / "soundscape"), config, device):
         for b, soundscape in enumerate(batch["soundscape"]):
-            written = write_sources(folder / "eval_out", soundscape, labels[b], waveforms[b])
+            written = write_sources(folder / "eval_out", soundscape, labels[b], waveforms[b], slots=slots)
             entries.append({"soundscape": soundscape, "estimate": [
                 {"filename": filename, "label": labels[b][slot], "probability": float(slot_probabilities[b, slot])}
                 for slot, filename in written]})
-    write_json({"nparams": nparams, "probabilities": entries,
-                "config": dataclasses.asdict(config) | {"models": models}}, folder / EVAL_RESULTS_FILENAME)
+    if slots:
+        write_json({"nparams": nparams, "probabilities": entries,
+                    "config": dataclasses.asdict(config) | {"models": models}}, folder / EVAL_RESULTS_FILENAME)
 
     print("[3/3] checking and packing the submission", file=sys.stderr)
-    verify_submission(folder, eval_soundscapes)
-    members = sorted((folder / "eval_out").iterdir()) + [folder / EVAL_RESULTS_FILENAME, folder / DEV_RESULTS_FILENAME]
+    verify_submission(folder, eval_soundscapes, slots)
+    members = sorted((folder / "eval_out").iterdir())
+    members += [folder / EVAL_RESULTS_FILENAME, folder / DEV_RESULTS_FILENAME] if slots else []
     with atomic_path(out / f"{name}.zip") as temporary:
         with zipfile.ZipFile(temporary, "w", compression=zipfile.ZIP_DEFLATED) as package:
             for path in members:
                 package.write(path, path.relative_to(out).as_posix())
-    print(f"wrote {out / f'{name}.zip'} ({len(members) - 2} WAVs for {len(entries)} eval soundscapes, "
+    print(f"wrote {out / f'{name}.zip'} ({len(members) - 2 * slots} WAVs for {len(entries)} eval soundscapes, "
           f"{(out / f'{name}.zip').stat().st_size / 2**20:.1f} MiB)")
+
+
+def test_set_year(data_dir: Path) -> int:
+    """2025 when every reference file is named <soundscape>_<label>.wav (the 2025 dev_set/test), else 2026."""
+    soundscapes = [path.stem for path in (data_dir / "soundscape").glob("*.wav")]
+    if not soundscapes or not (data_dir / "oracle_target").is_dir():
+        return 2026
+    names = [(soundscape, path.name) for soundscape, files in index_sources(data_dir / "oracle_target", soundscapes)[0]
+             .items() for path, _ in files]
+    return 2025 if names and all(parse_source_name(*name)[0] is None for name in names) else 2026
 
 
 def soundscape_root(path: Path) -> Path:
@@ -480,17 +500,22 @@ def soundscape_root(path: Path) -> Path:
     return path.parent if path.name == "soundscape" and not (path / "soundscape").is_dir() else path
 
 
-def verify_submission(folder: Path, soundscapes: list[Path]):
-    """The official checks: eval_out holds <soundscape>_<i>_<label>.wav files, exactly those eval_results.json lists."""
+def verify_submission(folder: Path, soundscapes: list[Path], slots=True):
+    """The official checks: eval_out holds <soundscape>_<i>_<label>.wav files, exactly those eval_results.json lists
+    (2025, slots=False: <soundscape>_<label>.wav files)."""
     index, problems, ignored = index_sources(folder / "eval_out", [path.stem for path in soundscapes])
-    problems += [f"{path}: expected '<soundscape>_<i>_<label>.wav' (with the output slot i)" for soundscape, sources
-                 in index.items() for path, _ in sources if parse_source_name(soundscape, path.name)[0] is None]
-    listed = {estimate["filename"]: estimate["label"] for entry in
-              json.loads((folder / EVAL_RESULTS_FILENAME).read_text())["probabilities"] for estimate in entry["estimate"]}
-    written = {path.name: label for sources in index.values() for path, label in sources}
-    if listed != written or ignored:
-        problems.append(f"{folder / EVAL_RESULTS_FILENAME}: lists {len(listed)} files, eval_out holds "
-                        f"{len(written) + len(ignored)} (differences: {sorted(set(listed) ^ set(written))[:5]})")
+    expected = "'<soundscape>_<i>_<label>.wav' (with the output slot i)" if slots else "'<soundscape>_<label>.wav'"
+    problems += [f"{path}: expected {expected}" for soundscape, sources in index.items() for path, _ in sources
+                 if (parse_source_name(soundscape, path.name)[0] is None) == slots]
+    if slots:
+        listed = {estimate["filename"]: estimate["label"] for entry in json.loads(
+            (folder / EVAL_RESULTS_FILENAME).read_text())["probabilities"] for estimate in entry["estimate"]}
+        written = {path.name: label for sources in index.values() for path, label in sources}
+        if listed != written or ignored:
+            problems.append(f"{folder / EVAL_RESULTS_FILENAME}: lists {len(listed)} files, eval_out holds "
+                            f"{len(written) + len(ignored)} (differences: {sorted(set(listed) ^ set(written))[:5]})")
+    elif ignored:
+        problems.append(f"{folder / 'eval_out'}: entries that are not WAV files: {', '.join(ignored[:5])}")
     if problems:
         raise problem_list("submission check failed", problems)
 
@@ -505,6 +530,8 @@ def main():
     mode = (run_compare if any(config.compare) else run_scoring if config.estimates else
             run_submission if config.submission else run_inference)
     try:
+        if config.metric == "auto":
+            config.metric = "ca-sdri" if test_set_year(Path(config.data)) == 2025 else "capi-sdri"
         mode(config)
     except (ValueError, OSError) as error:  # bad input: its message names the file or flag; no traceback
         print(f"error: {error}", file=sys.stderr)

@@ -47,6 +47,13 @@ class SceneConfig:
     shuffle_label: bool = True  # shuffle the order of the target events (silence stays last)
     max_event_duration: float = 10.0  # s, longer files contribute a random excerpt of this length
     direct_range_ms: tuple[float, float] = (6.0, 50.0)  # ms before / after the direct-path peak (dry target)
+    metadata_format: str = "spaudsyn"  # 'spaudsyn' (2026) or 'spatialscaper' (2025: its metadata and dry rule, the
+    # short background's samples repeated, class files only directly in <Label>/)
+
+
+# The official 2025 data (SemgSegScaper2): levels, 1-3 distinct targets, 1-2 interferers, slots in onset order.
+SCENE_2025 = dict(ref_db=-50.0, nevent_range=(1, 3), dupse_rate=0.0, interference_range=(1, 2), shuffle_label=False,
+                  metadata_format="spatialscaper")
 
 
 # ---- Scene generation for training -------------------------------------------------------------------------------
@@ -68,6 +75,10 @@ class SceneGenerator:
         self.index, self.config = index, config
         if not index.rooms or not index.labels:
             raise ValueError(f"{index.root}: no rooms or no sound events to generate scenes from")
+        if config.metadata_format not in ("spaudsyn", "spatialscaper"):
+            raise ValueError(f"metadata_format {config.metadata_format!r}: expected 'spaudsyn' or 'spatialscaper'")
+        if config.metadata_format == "spatialscaper" and config.dupse_rate > 0:
+            raise ValueError("2025 (spatialscaper) scenes have no same-class duplicates: set dupse_rate 0")
         if config.nevent_range[1] > min(NUM_SLOTS, len(index.labels)):
             raise ValueError(f"{index.root}: nevent_range {config.nevent_range}: at most {NUM_SLOTS} target events "
                              f"per mixture (the output slots), of distinct classes ({len(index.labels)} available)")
@@ -79,9 +90,22 @@ class SceneGenerator:
         source_time, event_duration = (rng.uniform(0, duration - limit), limit) if duration > limit else (0.0, duration)
         event_time = rng.uniform(0, self.config.duration - event_duration)
         position = rng.randrange(room.num_positions) if position is None else position
+        spatialscaper = self.config.metadata_format == "spatialscaper"  # positions as stored, its extra keys
         return {"label": label, "source_file": relative, "source_time": source_time, "event_time": event_time,
-                "event_duration": event_duration, "event_position": [room.positions[position].tolist()],
-                "snr": rng.uniform(*snr_range), "role": role}
+                "event_duration": event_duration,
+                "event_position": [(room.stored if spatialscaper else room.positions)[position].tolist()],
+                "snr": rng.uniform(*snr_range)} | (
+            {"role": "foreground", "pitch_shift": None, "time_stretch": None} if spatialscaper else {"role": role})
+
+    def _pool(self, classes, label):
+        """A class's files; 2025 scenes draw only those directly in <Label>/, as SpatialScaper lists them."""
+        if self.config.metadata_format == "spaudsyn":
+            return classes[label]
+        files = [file for file in classes[label] if file[0].count("/") == 1]
+        if not files:
+            raise ValueError(f"{self.index.root}: no .wav directly in the {label} class folder (2025 scenes do not "
+                             "look into sub-folders)")
+        return files
 
     def _duplicate(self, rng, room, events, base_labels):
         """One more source of a class already present, more than dupse_min_angle away, from another sub-folder."""
@@ -116,7 +140,7 @@ class SceneGenerator:
         events = []
         for _ in range(nevents - n_duplicates):
             label = rng.choice([label for label in index.labels if label not in {e["label"] for e in events}])
-            events.append(self._event(rng, room, label, rng.choice(index.events[label]), config.snr_range,
+            events.append(self._event(rng, room, label, rng.choice(self._pool(index.events, label)), config.snr_range,
                                       "foreground"))
         base_labels = [event["label"] for event in events]
         for _ in range(n_duplicates):
@@ -125,7 +149,7 @@ class SceneGenerator:
         if index.interference_labels:
             for _ in range(rng.randint(*config.interference_range)):
                 label = rng.choice(index.interference_labels)
-                interference.append(self._event(rng, room, label, rng.choice(index.interference[label]),
+                interference.append(self._event(rng, room, label, rng.choice(self._pool(index.interference, label)),
                                                 config.interference_snr_range, "interference"))
         background = []
         if index.noise:
@@ -139,14 +163,24 @@ class SceneGenerator:
         folders = {key: index.metadata_folder(name) for key, name in (
             ("foreground_dir", "sound_event"), ("background_dir", "noise"), ("interference_dir", "interference"))}
         room_folder = index.metadata_folder("room_ir")
+        events, interference = (sorted(drawn, key=lambda e: e["event_time"]) for drawn in (events, interference))
+        if config.metadata_format == "spatialscaper":  # SemgSegScaper2.generate_metadata's layout
+            return {"config": {**folders, "rir_dir": room_folder, "duration": config.duration, "sr": SAMPLE_RATE,
+                               "max_event_overlap": 3, "ref_db": config.ref_db, "return_dry": True, "return_wet": False,
+                               "return_ir": False, "return_background": False, "ref_channel": 0,
+                               "spatialize_direct_path_time_ms": list(config.direct_range_ms),
+                               "return_interference": False},
+                    "fg_events": events, "int_events": interference,
+                    "bg_events": [dict(event, pitch_shift=None, time_stretch=None) for event in background],
+                    "room": room.path.relative_to(index.folders["room_ir"]).as_posix()}
         return {
             "config": {"duration": config.duration, "sr": SAMPLE_RATE, "max_event_overlap": 3,
                        "max_event_dur": config.max_event_duration, "ref_db": config.ref_db, **folders,
                        "room_config": {"module": ROOM_MODULE, "main": "SofaRoom", "args": {
                            "path": room_folder, "direct_range_ms": list(config.direct_range_ms)}},
                        "verbose": False},
-            "fg_events": sorted(events, key=lambda event: event["event_time"]),
-            "int_events": sorted(interference, key=lambda event: event["event_time"]),
+            "fg_events": events,
+            "int_events": interference,
             "bg_events": background,
             "room": {"module": ROOM_MODULE, "main": "SofaRoom.from_metadata", "args": {"metadata": {
                 "sofa_path": f"{room_folder}/{room.path.relative_to(index.folders['room_ir']).as_posix()}",
@@ -525,8 +559,22 @@ class MetadataDataset(SceneDataset):
         return len(self.files)
 
     def __getitem__(self, index):
-        path, _ = self.files[index]
+        path, entry = self.files[index]
         try:
-            return self.item(json.loads(path.read_text()), path.stem)
+            scene = json.loads(path.read_text())
+            return self.item(scene, path.stem, slot_order(scene, entry["ref_event"]) if "ref_event" in entry else None)
         except (ValueError, KeyError, TypeError) as error:
             raise ValueError(f"{path}: {error!r}") from None
+
+
+def slot_order(scene, ref_event):
+    """The foreground events (render order) of slots 0, 1, ... as a 2025 valid.json entry's ref_event names them
+    (3 labels padded with silence; its labels must be the events' labels, as the official code asserts)."""
+    labels = [event["label"] for event in sorted(scene["fg_events"], key=lambda event: event["event_time"])]
+    wanted = [label for label in ref_event if label != SILENCE]
+    if sorted(wanted) != sorted(labels):
+        raise ValueError(f"ref_event {ref_event} does not name the events' labels {labels}")
+    order = []
+    for label in wanted:  # the same class twice: its events in render order
+        order.append(next(number for number, name in enumerate(labels) if name == label and number not in order))
+    return order

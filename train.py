@@ -5,6 +5,7 @@
     torchrun --nproc_per_node=4 train.py --task tagging --preset m2dat_1c
     torchrun --nproc_per_node=4 train.py --task tagging --preset m2dat_1c_2blks --init_from runs/tagging_m2dat_1c/last.pt
     torchrun --nproc_per_node=4 train.py --task separation --preset resunetk_capisdr
+    torchrun --nproc_per_node=8 train.py --task tagging --preset m2dat_head   # 2025: m2dat_head_blks, resunet(k)
     python train.py --out_dir runs/separation_demo --resume --max_steps 2000   # continue a run exactly
     python train.py --task separation --preset demo --print_config   # the values a run would use, and their origin
 
@@ -40,7 +41,7 @@ from devset import LABELS, SAMPLE_RATE
 from metrics import (binary_cross_entropy, capi_sdri, class_aware_pit_snr_loss, label_accuracies, label_counts,
                      masked_snr_loss, pit_cross_entropy, snr64)
 from model import Separator, SeparatorConfig, TaggerConfig, build_tagger, load_weights, read_checkpoint
-from synth import GeneratedDataset, MetadataDataset, Renderer, SceneConfig, collate
+from synth import SCENE_2025, GeneratedDataset, MetadataDataset, Renderer, SceneConfig, collate
 
 TASKS = ("tagging", "separation")
 LOSSES = {"tagging": ("pit_cross_entropy", "binary_cross_entropy"),
@@ -98,7 +99,7 @@ MODEL_SECTION = {"tagging": "tagger", "separation": "separator"}
 TAGGER_2026 = dict(batch_size=32, global_batch=128, lr=1e-3, eval_interval=196, eval_batch_size=16)
 TAGGER_2BLKS = dict(batch_size=32, global_batch=128, lr=1e-5, init_optimizer=True, max_steps=5000, eval_interval=5,
                     eval_batch_size=16)
-SCENE_2025 = dict(ref_db=-50.0, nevent_range=(1, 3), dupse_rate=0.0, interference_range=(1, 2))
+TAGGER_2025 = dict(head="linear", num_channels=1, finetuning="head", m2d_weights=M2D_WEIGHTS)
 PRESETS = {
     "m2dat_1c": {"tagging": dict(train=dict(TAGGER_2026, max_steps=300 * 196), scene=dict(nevent_range=(0, 3)),
                                  tagger=dict(num_channels=1, finetuning="head", m2d_weights=M2D_WEIGHTS))},
@@ -111,6 +112,13 @@ PRESETS = {
     "resunetk_capisdr": {"separation": dict(train=dict(loss="class_aware_pit_snr", batch_size=4, global_batch=16,
                                                        lr=1e-4, max_steps=200_000, eval_interval=632),
                                             separator=dict(num_slots=3))},
+    # 2025 taggers (8 GPUs; 18 sigmoids, BCE): dataset_length 100000 and 600 (ceil per rank); the yaml's max_epochs -1
+    # is bounded by the 2025 variants' 300 (head) and 1500 (blocks) epochs. Blocks: the -r resume quirk as in 2026.
+    "m2dat_head": {"tagging": dict(train=dict(batch_size=32, global_batch=256, lr=1e-3, eval_interval=391,
+                                              max_steps=300 * 391), scene=SCENE_2025, tagger=TAGGER_2025)},
+    "m2dat_head_blks": {"tagging": dict(train=dict(batch_size=16, global_batch=128, lr=1e-5, init_optimizer=True,
+                                                   eval_interval=5, max_steps=1500 * 5), scene=SCENE_2025,
+                                        tagger=dict(TAGGER_2025, finetuning="2_blocks"))},
     # 2025 separators: the GPU count of these runs is not documented; 8 as for the 2025 tagger table.
     "resunet": {"separation": dict(train=dict(loss="snr", batch_size=5, global_batch=40, lr=1e-4, max_steps=200_000,
                                               eval_interval=2500), separator=dict(num_slots=1), scene=SCENE_2025)},

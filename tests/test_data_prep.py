@@ -29,7 +29,7 @@ def snapshot(folder):
 def test_demo_passes_verify(demo_dev_set):
     summary, problems = data_prep.verify(demo_dev_set)
     assert problems == []
-    assert summary[0] == "sound_event/train: 18 classes, 54 files"
+    assert summary[:2] == ["2026 layout", "sound_event/train: 18 classes, 54 files"]
     assert "sound_event/valid: 18 classes, 54 files" in summary
     for name in data_prep.REQUIRED_FOLDERS:  # every folder the official verify.py requires
         assert (demo_dev_set / name).is_dir(), name
@@ -85,6 +85,28 @@ def test_verify_lists_every_problem(demo_dev_set, tmp_path):
     result = subprocess.run([sys.executable, str(SCRIPT), "verify", "--data", str(data)], capture_output=True,
                             text=True, cwd=tmp_path)
     assert result.returncode == 1 and "problem(s)" in result.stdout
+
+
+def test_verify_recognises_the_2025_layout_and_the_metadata_format(demo_dev_set, demo_dev_set_2025, tmp_path):
+    summary, problems = data_prep.verify(demo_dev_set_2025)
+    assert problems == [] and summary[0] == "2025 layout" and "test: 4 soundscapes" in summary
+    assert sorted(path.name for path in (demo_dev_set_2025 / "test" / "oracle_target").iterdir())[0].count("_") == 2
+    data = tmp_path / "dev_set"
+    shutil.copytree(demo_dev_set, data)
+    shutil.move(data / "synthesized" / "test", data / "test")  # the 2025 test set
+    (data / "synthesized").rmdir()
+    noise = sorted((data / "noise" / "train").glob("*.wav"))[0].name
+    (data / "config" / "filelist.json").write_text(json.dumps([f"data/dev_set/noise/train/{noise}",
+                                                               "data/dev_set/noise/train/gone.wav"]))
+    summary, problems = data_prep.verify(data)
+    assert summary[0] == "2025 layout" and "test: 4 soundscapes" in summary
+    assert "config/filelist.json: 2 files listed" in summary
+    assert problems == [f"{data / 'config' / 'filelist.json'}: lists data/dev_set/noise/train/gone.wav, which is "
+                        "missing"] + [f"{path}: SpAudSyn (2026) metadata in a 2025 dev set"  # one line per file
+                                      for path in sorted((data / "metadata" / "valid").glob("*.json"))]
+    summary, problems = data_prep.verify(data, 2026)
+    assert summary[0] == "2026 layout (--year; the folders are of 2025)"
+    assert f"{data / 'synthesized' / 'test' / 'soundscape'}: missing folder" in problems
 
 
 def test_render_equals_dataset_and_is_idempotent(demo_dev_set, tmp_path):

@@ -237,6 +237,42 @@ def test_submission_package(checkpoints, data, tmp_path, monkeypatch, capsys):
     assert "eval_out exists and is not empty" in error
 
 
+def test_2025_test_set_scores_ca_sdri_and_writes_the_2025_names_and_package(tmp_path):
+    """A 2025 test set (references <soundscape>_<label>.wav) with a 2025 tagger: CA-SDRi and set accuracy by default,
+    printed as the official lines; waveforms and the submission (N_out/eval_out, N_out.zip) without slot numbers."""
+    torch.manual_seed(0)
+    tagger, separator = model.build_tagger(dataclasses.replace(TAGGER, head="linear")), model.Separator(SEPARATOR)
+    for name, module in (("tagger", tagger), ("separator", separator)):
+        torch.save({"kind": name, "model_config": dataclasses.asdict(module.config), "model": module.state_dict()},
+                   tmp_path / f"{name}.pt")
+    data = tmp_path / "dev_set" / "test"
+    write_soundscapes(data, ["soundscape_0000", "soundscape_0002"], seed=2)
+    for path in (data / "oracle_target").iterdir():  # the 2025 names
+        soundscape = path.name[:len("soundscape_0000")]
+        path.rename(path.with_name(f"{soundscape}_{parse_source_name(soundscape, path.name)[1]}.wav"))
+    system = ("--tagger", tmp_path / "tagger.pt", "--separator", tmp_path / "separator.pt", "--data", data, *FAST)
+    result = run(*system, "--out", tmp_path / "out", "--save_waveforms")
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0].startswith("CA-SDRi: ") and lines[1].startswith("Label prediction accuracy: ")
+    assert len(lines[1].split(": ")[1].split(".")[1]) == 2
+    results = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert results["config"]["metric"] == "ca-sdri" and list(results["label_metrics"]) == ["accuracy"]
+    expected = sorted(f"{item['soundscape']}_{label}.wav" for item in results["details"]
+                      for label in item["est_labels"] if label != SILENCE)
+    assert sorted(path.name for path in (tmp_path / "out" / "waveforms").iterdir()) == expected and expected
+
+    eval_root = write_soundscapes(tmp_path / "eval_set", ["eval_0000", "eval_0001"], seed=3, references=False)
+    result = run(*system, "--submission", "--author", "Doe", "--affiliation", "Lab", "--eval_data",
+                 eval_root / "soundscape", "--out", tmp_path / "submission")
+    assert result.returncode == 0, result.stderr
+    folder = tmp_path / "submission" / "Doe_Lab_task4_1_out"
+    written = sorted(path.name for path in (folder / "eval_out").iterdir())
+    assert written and all(parse_source_name(name[:len("eval_0000")], name)[0] is None for name in written)
+    with zipfile.ZipFile(tmp_path / "submission" / "Doe_Lab_task4_1_out.zip") as archive:
+        assert sorted(archive.namelist()) == [f"Doe_Lab_task4_1_out/eval_out/{name}" for name in written]
+
+
 def test_bad_input_gives_clear_errors(checkpoints, data, tmp_path, monkeypatch, capsys):
     tagger, separator = checkpoints
     common = ("--data", data, *FAST)

@@ -45,15 +45,19 @@ def cartesian(spherical):
 
 
 def reference_render(scene, root):
-    """Exact float64 SpAudSyn computation (scipy.signal.fftconvolve), written independently of synth.py."""
+    """Exact float64 SpAudSyn computation (scipy.signal.fftconvolve), written independently of synth.py; for a
+    SpatialScaper (2025) scene its rules: raw stored positions, L2 normalisation, the signed peak's window [peak - a,
+    peak + b) of ref_channel, a short background's samples repeated."""
     config = scene["config"]
-    room_path = root / scene["room"]["args"]["metadata"]["sofa_path"]
+    spatialscaper = isinstance(scene["room"], str)
+    room_path = root / (f"{config['rir_dir']}/{scene['room']}" if spatialscaper else
+                        scene["room"]["args"]["metadata"]["sofa_path"])
     with h5py.File(room_path) as file:
         irs = np.asarray(file["Data.IR"], float)
         stored = np.asarray(file["SourcePosition"], float)
         kind = file["SourcePosition"].attrs["Type"]
         spherical = (kind.decode() if isinstance(kind, bytes) else kind) == "spherical"
-        positions = np.array([cartesian(p) for p in stored]) if spherical else stored
+        positions = np.array([cartesian(p) for p in stored]) if spherical and not spatialscaper else stored
     mixture = np.zeros((4, 320000))
     dry_sources, levels = [], []
     for key, folder in (("fg_events", "foreground_dir"), ("int_events", "interference_dir")):
@@ -62,7 +66,8 @@ def reference_render(scene, root):
                                   start=int(event["source_time"] * RATE), frames=int(event["event_duration"] * RATE))
             x = (x / np.max(np.abs(x))).astype(np.float64)
             index = int(np.argmin(np.linalg.norm(positions - np.array(event["event_position"][0]), axis=1)))
-            h = irs[index] / np.sqrt(np.mean(np.sum(irs[index] ** 2, axis=-1)))
+            h = irs[index] / (np.mean(np.linalg.norm(irs[index], axis=-1)) if spatialscaper else
+                              np.sqrt(np.mean(np.sum(irs[index] ** 2, axis=-1))))
             wet = scipy.signal.fftconvolve(x[None, :], h, mode="full", axes=1)
             scale = 10 ** ((config["ref_db"] + event["snr"] - 10 * np.log10(np.mean(wet ** 2))) / 20)
             wet *= scale
@@ -71,10 +76,16 @@ def reference_render(scene, root):
             part = wet[:, :320000 - onset]
             mixture[:, onset:onset + part.shape[1]] += part
             if key == "fg_events":
-                t0 = int(np.argmax(np.abs(h[0])))
-                window = np.zeros_like(h[0])
-                window[max(t0 - 192, 0):min(t0 + 1600, len(window) - 1) + 1] = 1
-                dry = scipy.signal.fftconvolve(x, h[0] * window) * scale
+                channel = config["ref_channel"] if spatialscaper else 0
+                window = np.zeros_like(h[channel])
+                if spatialscaper:
+                    t0 = int(np.argmax(h[channel]))
+                    before, after = (int(ms * RATE / 1000) for ms in config["spatialize_direct_path_time_ms"])
+                    window[max(t0 - before, 0):t0 + after] = 1
+                else:
+                    t0 = int(np.argmax(np.abs(h[0])))
+                    window[max(t0 - 192, 0):min(t0 + 1600, len(window) - 1) + 1] = 1
+                dry = scipy.signal.fftconvolve(x, h[channel] * window) * scale
                 placed = np.zeros(320000)
                 part = dry[:320000 - onset]
                 placed[onset:onset + len(part)] = part
@@ -83,7 +94,8 @@ def reference_render(scene, root):
     for event in scene["bg_events"]:
         noise, _ = soundfile.read(root / config["background_dir"] / event["source_file"], dtype="float32",
                                   always_2d=True)
-        noise = np.tile(noise.T.astype(np.float64), (1, 320000 // len(noise) + 1))[:, :320000]
+        stretch = np.repeat if spatialscaper else lambda audio, count, axis: np.tile(audio, (1, count))
+        noise = stretch(noise.T.astype(np.float64), -(-320000 // len(noise)), axis=1)[:, :320000]
         mixture += noise * 10 ** ((config["ref_db"] - 10 * np.log10(np.mean(noise ** 2))) / 20)
     return mixture, np.array(dry_sources), levels
 
@@ -131,6 +143,36 @@ def test_render_matches_exact_float64_levels_and_dry_window(small_scene):
     assert labels == ["Speech"]
     read = int(scene["fg_events"][0]["event_duration"] * RATE)
     assert read == 64001  # the official int(duration * sr) truncation loses the last sample
+
+
+def test_spatialscaper_metadata_renders_by_its_rules_in_ref_event_order(small_scene):
+    """A hand-made 2025 file: the room by name in rir_dir, raw spherical positions (nearest stored row), L2-normalised
+    IRs, the dry window [peak - 192, peak + 1600) around the signed peak of ref_channel, a 50000-sample background
+    with each sample repeated, and valid.json's ref_event fixing the slot order."""
+    scene, root = small_scene
+    write_room(root / "rooms" / "r.sofa", positions=[[a, 10.0, 1.5] for a in range(0, 360, 45)], seed=3)
+    with h5py.File(root / "rooms" / "r.sofa", "r+") as file:  # the signed peak and the largest |h| differ
+        file["Data.IR"][2, 1, 100] = -3.0
+    second = dict(scene["fg_events"][0], label="Dishes", event_time=0.5, snr=4.0, event_position=[[91.0, 9.0, 1.4]])
+    scene = {"config": dict(scene["config"], rir_dir="rooms", ref_channel=1, spatialize_direct_path_time_ms=[6, 50]),
+             "fg_events": [dict(scene["fg_events"][0], event_position=[[268.0, 11.0, 1.5]]), second],
+             "int_events": [dict(scene["int_events"][0], event_position=[[44.0, 10.0, 1.6]])],
+             "bg_events": scene["bg_events"], "room": "r.sofa"}
+    expected, expected_dry, levels = reference_render(scene, root)
+    assert levels[1] == 1792 and abs(levels[0]) < 1e-9  # [peak - 192, peak + 1600)
+    (root / "meta" / "valid").mkdir(parents=True)
+    (root / "meta" / "valid" / "s.json").write_text(json.dumps(scene))
+    (root / "meta" / "valid.json").write_text(json.dumps([{"metadata_path": "valid/s.json",
+                                                           "ref_event": ["Speech", "Dishes", "silence"]}]))
+    item = synth.MetadataDataset(root / "meta" / "valid.json", root / "data" / "dev_set")[0]
+    assert item["label"] == ["Speech", "Dishes", "silence"]  # render order is Dishes (0.5 s), Speech (9.0 s)
+    assert np.max(np.abs(item["mixture"].numpy() - expected)) <= 1e-4 * np.max(np.abs(expected))
+    dry = item["dry_sources"][:, 0].numpy()
+    assert np.max(np.abs(dry[:2] - expected_dry[::-1])) <= 1e-4 * np.max(np.abs(expected_dry)) and not dry[2].any()
+    (root / "meta" / "valid.json").write_text(json.dumps([{"metadata_path": "valid/s.json",
+                                                           "ref_event": ["Speech", "Blender", "silence"]}]))
+    with pytest.raises(ValueError, match="ref_event .* does not name the events' labels"):
+        synth.MetadataDataset(root / "meta" / "valid.json", root / "data" / "dev_set")[0]
 
 
 def test_render_errors_name_the_file(small_scene, tmp_path):
@@ -184,6 +226,29 @@ def test_metadata_round_trip(demo_dev_set, tmp_path):
         assert sorted(item["label"]) == sorted(again["label"])
         for source in item["dry_sources"]:
             assert any(torch.equal(source, other) for other in again["dry_sources"])
+
+
+def test_2025_scenes_are_spatialscaper_metadata_that_render_back_identically(demo_dev_set_2025, demo_dev_set):
+    dataset = synth.GeneratedDataset(demo_dev_set_2025, synth.SceneConfig(**synth.SCENE_2025), length=4, seed=3)
+    for index in range(4):
+        item = dataset[index]
+        scene = json.loads(json.dumps(item["metadata"]))  # as written to a file
+        assert scene["config"]["rir_dir"] == "data/dev_set/room_ir/train" and scene["config"]["ref_channel"] == 0
+        room = devset.open_room(demo_dev_set_2025 / "room_ir" / "train" / scene["room"])  # a name in rir_dir
+        events = scene["fg_events"] + scene["int_events"]
+        assert all(event["event_position"][0] in room.stored.tolist() for event in events)  # raw stored rows
+        assert all(event["source_file"].count("/") == 1 and event["role"] == "foreground" for event in events)
+        fields = {"label", "source_file", "source_time", "event_time", "event_duration", "snr", "role", "pitch_shift",
+                  "time_stretch", "event_position"}  # the official Event namedtuple, built with Event(**event)
+        assert all(set(event) == fields for event in events + scene["bg_events"]) and scene["bg_events"]
+        labels = [event["label"] for event in scene["fg_events"]]
+        assert 1 <= len(labels) == len(set(labels)) <= 3 and 1 <= len(scene["int_events"]) <= 2
+        assert item["label"] == labels + ["silence"] * (3 - len(labels))  # slots in onset order
+        mixture, dry, rendered = synth.Renderer(demo_dev_set_2025).render_scene(scene)
+        assert rendered == labels and torch.equal(mixture, item["mixture"])
+        assert torch.equal(dry, item["dry_sources"][:len(labels)])
+    with pytest.raises(ValueError, match="no .wav directly in the .* class folder"):  # 2026 classes: sub-folders
+        synth.GeneratedDataset(demo_dev_set, synth.SceneConfig(**synth.SCENE_2025), length=1)[0]
 
 
 def test_same_items_for_0_and_2_workers(demo_dev_set):

@@ -210,6 +210,33 @@ def log_entries(out_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (out_dir / "log.jsonl").read_text().splitlines()]
 
 
+def test_2025_presets_train_validate_continue_and_evaluate(demo_dev_set_2025, tmp_path):
+    """On a 2025 demo set: m2dat_head (18 sigmoids, BCE, 1-3 events at the 2025 levels, 32 x 8 GPUs) with a
+    validation, m2dat_head_blks from its last.pt with the head stage's optimizer and lr (the official -r), both 2025
+    separators with a validation, and evaluate.py on the 2025 test set with CA-SDRi."""
+    demo_dev_set = demo_dev_set_2025
+    _, config, tagger, scene, _ = train.resolve_config(["--preset", "m2dat_head"])
+    assert (config.global_batch, config.lr, tagger.head, tagger.finetuning) == (256, 1e-3, "linear", "head")
+    assert (scene.nevent_range, scene.interference_range, scene.ref_db, scene.dupse_rate) == ((1, 3), (1, 2), -50, 0)
+    head, blocks = tmp_path / "head", tmp_path / "blocks"
+    first = run_script(tiny_args("tagging", demo_dev_set, head, "--tagger.m2d_weights", "", preset="m2dat_head"))
+    assert first.returncode == 0, first.stdout + first.stderr
+    assert "loss binary_cross_entropy" in first.stdout and "validation step 2 |" in first.stdout
+    second = run_script(tiny_args("tagging", demo_dev_set, blocks, "--tagger.m2d_weights", "", "--init_from",
+                                  str(head / "last.pt"), preset="m2dat_head_blks"))
+    assert second.returncode == 0 and "validation step 2 |" in second.stdout, second.stdout + second.stderr
+    assert "| lr 1.00e-03 |" in second.stdout  # the head stage's, restored with its optimizer
+    assert load_tagger(str(blocks / "last.pt")).config.finetuning == "2_blocks"
+    for preset in ("resunet", "resunetk"):
+        result = run_script(tiny_args("separation", demo_dev_set, tmp_path / preset, preset=preset))
+        assert result.returncode == 0 and "validation step 2 |" in result.stdout, result.stdout + result.stderr
+    result = subprocess.run([sys.executable, "evaluate.py", "--tagger", str(head / "best.pt"), "--separator",
+                             str(tmp_path / "resunetk" / "best.pt"), "--data", str(demo_dev_set / "test"), "--device",
+                             "cpu"], cwd=ROOT, capture_output=True, text=True, timeout=240)
+    assert result.returncode == 0 and result.stdout.startswith("CA-SDRi: "), result.stdout + result.stderr
+    assert "\nLabel prediction accuracy: " in result.stdout
+
+
 def test_torchrun_second_tagger_stage_continues_the_optimizer(demo_dev_set, tmp_path):
     """The tagger demo preset under 2 processes without batch flags (head only, as the official first stage),
     then the m2dat_1c_2blks preset from its last.pt: weights, AdamW state and the head stage's lr 1e-3."""
