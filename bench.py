@@ -214,8 +214,8 @@ def main():
     data = Path(config.data) / "dev_set"
     if set(wanted) & {"synthesis", "training", "evaluation"} and not data.exists():
         print(f"building the dev-set-like bench set in {data} ...", file=sys.stderr)
-        data_prep.make_demo(config.data, data_prep.DemoConfig(rir_length=174763, event_seconds_max=10, num_valid=32,
-                                                              num_test=8))
+        data_prep.make_demo(config.data, data_prep.DemoConfig(rir_length=174763, event_seconds_max=10,
+                                                              valid_mixtures=32, test_mixtures=8))
     header = machine(device)
     runs = {"synthesis": lambda: bench_synthesis(config, device, data), "models": lambda: bench_models(config, device),
             "training": lambda: bench_training(config, device, data),

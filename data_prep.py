@@ -75,8 +75,8 @@ class DemoConfig:
     num_rooms: int = 3  # SOFA rooms in room_ir/train
     num_valid_rooms: int = 1  # SOFA rooms in room_ir/valid
     rir_length: int = 4096  # taps per RIR (the real dev set has 174763)
-    num_valid: int = 16  # metadata/valid mixtures (drawn from the valid folders)
-    num_test: int = 24  # test mixtures (drawn from the valid folders)
+    valid_mixtures: int = 16  # metadata/valid mixtures (drawn from the valid folders)
+    test_mixtures: int = 24  # test mixtures (drawn from the valid folders)
     seed: int = 0  # everything in the demo is a function of this seed
 
 
@@ -247,8 +247,8 @@ def _build_demo(dev_set, config):
     for name in PICKUP_LISTS:  # official format; empty because the demo's sound events are procedural
         (dev_set / "config" / f"{name}_config.json").write_text("[]\n")
     scene = SceneConfig(**SCENE_2025) if config.year == 2025 else SceneConfig()
-    validation = GeneratedDataset(dev_set, scene, length=config.num_valid, seed=config.seed + 1, split="valid")
-    names = _save_scenes(validation, config.num_valid, dev_set / "metadata" / "valid")
+    validation = GeneratedDataset(dev_set, scene, length=config.valid_mixtures, seed=config.seed + 1, split="valid")
+    names = _save_scenes(validation, config.valid_mixtures, dev_set / "metadata" / "valid")
     entries = [{"metadata_path": f"valid/{name}.json"} for name in names]
     if config.year == 2025:  # the slot order: the targets in onset order, padded with silence
         for number, entry in enumerate(entries):
@@ -256,8 +256,8 @@ def _build_demo(dev_set, config):
             entry["ref_event"] = labels + [SILENCE] * (NUM_SLOTS - len(labels))
     (dev_set / "metadata" / "valid.json").write_text(json.dumps(entries, indent=1))
     test = dev_set / TEST_FOLDERS[config.year]
-    _save_scenes(GeneratedDataset(dev_set, scene, length=config.num_test, seed=config.seed + 2, split="valid"),
-                 config.num_test, test / "metadata")
+    _save_scenes(GeneratedDataset(dev_set, scene, length=config.test_mixtures, seed=config.seed + 2, split="valid"),
+                 config.test_mixtures, test / "metadata")
     render_metadata(test / "metadata", test, data_root=dev_set, subtype="PCM_16")  # 16-bit like the official
 
 

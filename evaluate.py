@@ -7,6 +7,7 @@ the challenge submission, or compare two evaluations.
     python evaluate.py --submission --tagger T.ckpt --separator S.ckpt --author Doe --affiliation Lab --number 1 \\
         --data data/dev_set/synthesized/test --eval_data data/eval_set/synthesized/eval --out submission
     python evaluate.py --compare eval_out/A eval_out/B      # B - A, mixture by mixture, with bootstrap intervals
+    python evaluate.py --tune_thresholds --tagger runs/tagging_demo/best.pt   # -> runs/tagging_demo/thresholds.json
 
 DATA holds soundscape/<soundscape>.wav (4-channel, 32 kHz) and oracle_target/<soundscape>_<i>_<label>.wav (a 2025
 test set <soundscape>_<label>.wav: scored with CA-SDRi, its waveforms and submission get the 2025 names). Estimates
@@ -29,11 +30,11 @@ import torch
 
 import report
 from cli import StrictParser, add_config_flags, atomic_path, config_from_args, resolve_device
-from devset import (NUM_SLOTS, SAMPLE_RATE, SILENCE, audio_info, index_sources, parse_source_name, read_audio,
-                    write_audio)
-from metrics import METRIC_NAMES, MetricAccumulator
+from devset import (LABELS, NUM_SLOTS, SAMPLE_RATE, SILENCE, audio_info, index_sources, parse_source_name,
+                    read_audio, write_audio)
+from metrics import METRIC_NAMES, MetricAccumulator, label_accuracies, label_counts
 from model import S5, count_parameters, load_separator, load_tagger
-from synth import collate, label_vector
+from synth import MetadataDataset, collate, label_vector
 
 MIXTURE_CHANNELS = 4  # microphones of every soundscape
 DEV_RESULTS_FILENAME = "dev_set_test_results.json"  # submission: the dev test set results (official name)
@@ -64,6 +65,9 @@ class EvaluateConfig:
     number: int = 1  # submission: system number (DCASE takes up to 4 per team)
     eval_data: str = "data/eval_set/synthesized/eval"  # submission: evaluation set (holding soundscape/, or it)
     report: bool = False  # also write OUT/report/report.md and report.json (report.py)
+    tune_thresholds: bool = False  # per-class logit offsets from the validation mixtures -> thresholds.json by --tagger
+    valid_metadata: str = "data/dev_set/metadata/valid.json"  # --tune_thresholds: the validation mixtures
+    thresholds: str = ""  # a thresholds.json (--tune_thresholds) applied to the tagger's logits
     compare: tuple[str, str] = field(default=("", ""), metadata={
         "help": "compare two result folders written by --out (B - A with 95 %% paired bootstrap intervals)",
         "metavar": ("A", "B")})
@@ -72,23 +76,26 @@ class EvaluateConfig:
 # What each mode reads; a flag outside its mode's set is an error naming both.
 MODE_FLAGS = {
     "compare": {"compare"},
+    "tune": {"tune_thresholds", "tagger", "valid_metadata", "overwrite", "device", "batch_size", "num_workers"},
     "estimates": {"estimates", "data", "out", "metric", "overwrite", "report"},
     "submission": {"submission", "tagger", "separator", "data", "out", "metric", "device", "bf16", "tf32",
-                   "batch_size", "num_workers", "author", "affiliation", "number", "eval_data"},
+                   "batch_size", "num_workers", "author", "affiliation", "number", "eval_data", "thresholds"},
     "inference": {"tagger", "separator", "data", "out", "metric", "overwrite", "save_waveforms", "float_wav", "device",
-                  "bf16", "tf32", "batch_size", "num_workers", "report"},
+                  "bf16", "tf32", "batch_size", "num_workers", "report", "thresholds"},
 }
 
 
 def check_flags(config: EvaluateConfig) -> str | None:
     """The first inconsistent flag combination, as a message for parser.error (None when all is well)."""
-    mode = ("compare" if any(config.compare) else "estimates" if config.estimates else
-            "submission" if config.submission else "inference")
+    mode = ("compare" if any(config.compare) else "tune" if config.tune_thresholds else "estimates" if
+            config.estimates else "submission" if config.submission else "inference")
     defaults = EvaluateConfig()
     given = [f"--{key}" for key in vars(config) if getattr(config, key) != getattr(defaults, key)
              and key not in MODE_FLAGS[mode]]
     if given:
-        return f"--{'compare' if mode == 'compare' else mode} does not combine with {', '.join(given)}"
+        return f"--{ {'tune': 'tune_thresholds'}.get(mode, mode)} does not combine with {', '.join(given)}"
+    if mode == "tune" and not config.tagger:
+        return "--tune_thresholds needs --tagger CKPT"
     if mode == "inference" and not (config.tagger or config.separator):
         return "pass --tagger CKPT --separator CKPT (run the system) or --estimates DIR (score separated WAVs)"
     if mode in ("inference", "submission") and not (config.tagger and config.separator):
@@ -310,9 +317,12 @@ def load_system(config: EvaluateConfig, device: torch.device) -> tuple[S5, int, 
     if separator.config.input_channels != MIXTURE_CHANNELS:
         raise ValueError(f"{config.separator}: the separator reads {separator.config.input_channels} channels, "
                          f"expected {MIXTURE_CHANNELS} (the soundscapes' microphones)")
+    if config.thresholds:
+        tagger.label_offsets = read_thresholds(Path(config.thresholds))
     system = S5(tagger, separator).to(device).eval()
     torch.set_float32_matmul_precision("high" if config.tf32 else "highest")  # 'highest' is torch's default
-    models = {"tagger": config.tagger, "tagger_config": dataclasses.asdict(tagger.config),
+    models = {"tagger": config.tagger, "thresholds": config.thresholds,
+              "tagger_config": dataclasses.asdict(tagger.config),
               "separator": config.separator, "separator_config": dataclasses.asdict(separator.config)}
     return system, count_parameters(system), models
 
@@ -485,6 +495,68 @@ def run_submission(config: EvaluateConfig):
           f"{(out / f'{name}.zip').stat().st_size / 2**20:.1f} MiB)")
 
 
+# ---- Per-class thresholds: offsets added to the tagger's logits, tuned on the validation mixtures ---------------
+THRESHOLD_GRID = [step / 2 for step in range(-8, 9)]  # offsets tried per class, in logit units
+
+
+def tune_thresholds(tagger, logits: torch.Tensor, references: list) -> tuple[torch.Tensor, tuple, tuple]:
+    """(offsets [19], (accuracy_mix, accuracy_src) without, with them): coordinate ascent over THRESHOLD_GRID, class
+    by class (silence last) in two passes, maximising the mixture label accuracy, then the source accuracy (the
+    tagger's share of CAPI-SDRi: a wrong label multiset costs its sources); ties keep the offset nearest 0."""
+    def accuracies(offsets):
+        tagger.label_offsets = offsets
+        labels, _ = tagger.labels_from_logits(logits)
+        mix, src = label_accuracies([label_counts(est, ref) for est, ref in zip(labels, references)])
+        return mix, (0.0 if math.isnan(src) else src)
+    offsets = torch.zeros(len(LABELS) + 1)
+    before = best = accuracies(offsets)
+    for _ in range(2):
+        for k in range(logits.shape[-1]):
+            for value in sorted(THRESHOLD_GRID, key=abs):
+                trial = offsets.clone()
+                trial[k] = value
+                if (found := accuracies(trial)) > best:
+                    best, offsets = found, trial
+    tagger.label_offsets = None
+    return offsets, before, best
+
+
+def read_thresholds(path: Path) -> torch.Tensor:
+    """The offsets [19] of a thresholds.json, refused when it was tuned for another label set."""
+    try:
+        tuned = json.loads(path.read_text())
+        offsets = torch.tensor(tuned["offsets"], dtype=torch.float32)
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise ValueError(f"{path}: not a thresholds.json written by --tune_thresholds ({error})") from None
+    if tuned.get("labels") != [*LABELS, SILENCE] or offsets.shape != (len(LABELS) + 1,):
+        raise ValueError(f"{path}: thresholds for another label set ({tuned.get('labels')}); expected the 18 classes "
+                         "and silence of this tagger")
+    return offsets
+
+
+def run_tune(config: EvaluateConfig):
+    """--tune_thresholds: the tagger once over the validation mixtures, the offsets to TAGGER_FOLDER/thresholds.json."""
+    path = Path(config.tagger).with_name("thresholds.json")
+    if path.exists() and not config.overwrite:
+        raise ValueError(f"{path} already exists; pass --overwrite to replace it")
+    device = resolve_device(config.device)
+    tagger = load_tagger(config.tagger).to(device).eval()
+    validation = MetadataDataset(config.valid_metadata, return_sources=False)
+    loader = torch.utils.data.DataLoader(validation, batch_size=config.batch_size, num_workers=config.num_workers,
+                                         collate_fn=collate)
+    logits, references = [], []
+    with torch.no_grad():
+        for batch in loader:
+            logits.append(tagger(batch["mixture"].to(device)).float().cpu())
+            references += batch["label"]
+    offsets, before, after = tune_thresholds(tagger, torch.cat(logits), references)
+    write_json({"labels": [*LABELS, SILENCE], "offsets": offsets.tolist(), "tagger": config.tagger,
+                "valid_metadata": config.valid_metadata, "mixtures": len(references),
+                "accuracy_without": before, "accuracy_with": after}, path)
+    print(f"validation ({len(references)} mixtures) accuracy mixture / source: {before[0]:.2f} / {before[1]:.2f} "
+          f"without, {after[0]:.2f} / {after[1]:.2f} with the offsets; wrote {path}")
+
+
 def test_set_year(data_dir: Path) -> int:
     """2025 when every reference file is named <soundscape>_<label>.wav (the 2025 dev_set/test), else 2026."""
     soundscapes = [path.stem for path in (data_dir / "soundscape").glob("*.wav")]
@@ -527,8 +599,8 @@ def main():
     problem = check_flags(config)
     if problem:
         parser.error(problem)
-    mode = (run_compare if any(config.compare) else run_scoring if config.estimates else
-            run_submission if config.submission else run_inference)
+    mode = (run_compare if any(config.compare) else run_tune if config.tune_thresholds else run_scoring if
+            config.estimates else run_submission if config.submission else run_inference)
     try:
         if config.metric == "auto":
             config.metric = "ca-sdri" if test_set_year(Path(config.data)) == 2025 else "capi-sdri"

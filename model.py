@@ -266,6 +266,7 @@ class Tagger(nn.Module):
             nn.init.trunc_normal_(self.head.weight, std=2e-5)
             nn.init.zeros_(self.head.bias)
         self.set_finetuning(config.finetuning)
+        self.label_offsets = None  # [19] added to the logits before decoding (evaluate.py --thresholds), or None
 
     def set_finetuning(self, mode: str) -> None:
         """requires_grad as the official fine-tuning list (m2dat.py); norm_stats always stays frozen."""
@@ -312,6 +313,8 @@ class Tagger(nn.Module):
         """logits -> (3 labels per item, probabilities [B, 3]). 2026: each slot's softmax arg-max (18 = silence); 2025:
         the classes with sigmoid >= threshold (1 to 3, most probable first) in class order, padded with silence."""
         logits = logits.float()
+        if self.label_offsets is not None:  # per class (and silence): a tuned threshold
+            logits = logits + self.label_offsets.to(logits.device)[:logits.shape[-1]]
         names = LABELS + (SILENCE,)
         if not self.config.multilabel:
             probabilities, indices = logits.softmax(-1).max(-1)  # (B, 3)

@@ -46,7 +46,7 @@ def test_demo_is_written_whole_or_not_at_all(tmp_path, monkeypatch):
         raise ValueError("stopped while rendering the test set")
 
     monkeypatch.setattr(data_prep, "render_metadata", fail)
-    config = data_prep.DemoConfig(files_per_class=3, num_rooms=1, rir_length=1100, num_valid=1, num_test=1)
+    config = data_prep.DemoConfig(files_per_class=3, num_rooms=1, rir_length=1100, valid_mixtures=1, test_mixtures=1)
     with pytest.raises(ValueError, match="stopped"):
         data_prep.make_demo(tmp_path, config)
     assert list(tmp_path.iterdir()) == []

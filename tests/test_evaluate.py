@@ -273,6 +273,37 @@ def test_2025_test_set_scores_ca_sdri_and_writes_the_2025_names_and_package(tmp_
         assert sorted(archive.namelist()) == [f"Doe_Lab_task4_1_out/eval_out/{name}" for name in written]
 
 
+def test_tuned_thresholds_recover_a_planted_offset(checkpoints, data, demo_dev_set, tmp_path, monkeypatch, capsys):
+    """Logits whose Dishes logit is 2 too low where Dishes is present: the tuning raises that class alone; the file
+    is written by --tune_thresholds, read by --thresholds, and refused for another label set."""
+    tagger, generator = model.build_tagger(TAGGER), torch.Generator().manual_seed(0)
+    dishes, silence = LABELS.index("Dishes"), len(LABELS)
+    logits, references = 0.1 * torch.randn(40, 3, len(LABELS) + 1, generator=generator), []
+    for n in range(40):
+        truth = [dishes if n % 2 == 0 else (n + 1) % len(LABELS), (3 * n + 5) % len(LABELS), silence]
+        truth = [label if label != dishes or slot == 0 else silence for slot, label in enumerate(truth)]
+        for slot, label in enumerate(truth):
+            logits[n, slot, label] += 3.0 - 2.0 * (label == dishes)
+            logits[n, slot, (label + 7) % len(LABELS) if (label + 7) % len(LABELS) != dishes else 0] += 2.0
+        references.append([(LABELS + (SILENCE,))[label] for label in truth])
+    offsets, before, after = evaluate.tune_thresholds(tagger, logits, references)
+    assert 1.0 < offsets[dishes] <= 2.5 and offsets.abs().sum() == offsets[dishes] and tagger.label_offsets is None
+    assert before[0] <= 50.0 and after == (100.0, 100.0)
+
+    result = run("--tune_thresholds", "--tagger", checkpoints[0], "--valid_metadata",
+                 demo_dev_set / "metadata" / "valid.json", *FAST)
+    written = checkpoints[0].with_name("thresholds.json")
+    assert result.returncode == 0 and "validation (4 mixtures)" in result.stdout, result.stderr
+    assert json.loads(written.read_text())["labels"] == [*LABELS, SILENCE]
+    result = run(*system_arguments(checkpoints, data), "--thresholds", written, "--out", tmp_path / "out")
+    assert result.returncode == 0, result.stderr
+    assert json.loads((tmp_path / "out" / "results.json").read_text())["config"]["models"]["thresholds"] == str(written)
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps({"labels": [*LABELS[::-1], SILENCE], "offsets": [0.0] * 19}))
+    error = fail(monkeypatch, capsys, *system_arguments(checkpoints, data), "--thresholds", other)
+    assert "thresholds for another label set" in error and len(error.strip().splitlines()) == 1
+
+
 def test_bad_input_gives_clear_errors(checkpoints, data, tmp_path, monkeypatch, capsys):
     tagger, separator = checkpoints
     common = ("--data", data, *FAST)

@@ -59,8 +59,8 @@ def other_dev_set_directory(tmp_path_factory):
     """A folder holding a different demo set in data/dev_set, with the same file names but other content, as the
     repository root does after the Quickstart's first block."""
     root = tmp_path_factory.mktemp("quickstart")
-    config = data_prep.DemoConfig(files_per_class=3, num_rooms=1, rir_length=1100, num_valid=2, num_test=1, seed=5,
-                                  event_seconds_max=3.5)
+    config = data_prep.DemoConfig(files_per_class=3, num_rooms=1, rir_length=1100, valid_mixtures=2, test_mixtures=1,
+                                  seed=5, event_seconds_max=3.5)
     data_prep.make_demo(root / "data", config)
     return root
 
