@@ -68,6 +68,7 @@ class EvaluateConfig:
     tune_thresholds: bool = False  # per-class logit offsets from the validation mixtures -> thresholds.json by --tagger
     valid_metadata: str = "data/dev_set/metadata/valid.json"  # --tune_thresholds: the validation mixtures
     thresholds: str = ""  # a thresholds.json (--tune_thresholds) applied to the tagger's logits
+    second_look: bool = False  # the tagger also hears each separated source alone; one it hears as silence is dropped
     compare: tuple[str, str] = field(default=("", ""), metadata={
         "help": "compare two result folders written by --out (B - A with 95 %% paired bootstrap intervals)",
         "metavar": ("A", "B")})
@@ -79,9 +80,10 @@ MODE_FLAGS = {
     "tune": {"tune_thresholds", "tagger", "valid_metadata", "overwrite", "device", "batch_size", "num_workers"},
     "estimates": {"estimates", "data", "out", "metric", "overwrite", "report"},
     "submission": {"submission", "tagger", "separator", "data", "out", "metric", "device", "bf16", "tf32",
-                   "batch_size", "num_workers", "author", "affiliation", "number", "eval_data", "thresholds"},
+                   "batch_size", "num_workers", "author", "affiliation", "number", "eval_data", "thresholds",
+                   "second_look"},
     "inference": {"tagger", "separator", "data", "out", "metric", "overwrite", "save_waveforms", "float_wav", "device",
-                  "bf16", "tf32", "batch_size", "num_workers", "report", "thresholds"},
+                  "bf16", "tf32", "batch_size", "num_workers", "report", "thresholds", "second_look"},
 }
 
 
@@ -319,9 +321,9 @@ def load_system(config: EvaluateConfig, device: torch.device) -> tuple[S5, int, 
                          f"expected {MIXTURE_CHANNELS} (the soundscapes' microphones)")
     if config.thresholds:
         tagger.label_offsets = read_thresholds(Path(config.thresholds))
-    system = S5(tagger, separator).to(device).eval()
+    system = S5(tagger, separator, config.second_look).to(device).eval()
     torch.set_float32_matmul_precision("high" if config.tf32 else "highest")  # 'highest' is torch's default
-    models = {"tagger": config.tagger, "thresholds": config.thresholds,
+    models = {"tagger": config.tagger, "thresholds": config.thresholds, "second_look": config.second_look,
               "tagger_config": dataclasses.asdict(tagger.config),
               "separator": config.separator, "separator_config": dataclasses.asdict(separator.config)}
     return system, count_parameters(system), models

@@ -530,26 +530,40 @@ def count_parameters(*modules: nn.Module) -> int:
 
 
 # ---- S5 system ---------------------------------------------------------------------------------------------------
-class S5(nn.Module):
-    """Tag the mixture, move silent slots to the end (stable), separate the named sources."""
+def silence_last(labels, *per_slot):
+    """The slots of each item reordered (stable) so that silent ones come last: labels and [B, 3, ...] tensors."""
+    orders = [sorted(range(NUM_SLOTS), key=lambda i: row[i] == SILENCE) for row in labels]
+    return ([[row[i] for i in order] for row, order in zip(labels, orders)],
+            *(torch.stack([item[order] for item, order in zip(tensor, orders)]) for tensor in per_slot))
 
-    def __init__(self, tagger: Tagger, separator: Separator):
+
+class S5(nn.Module):
+    """Tag the mixture, move silent slots to the end (stable), separate the named sources. second_look: the tagger
+    also hears each separated source alone, and a source it hears as silence is dropped (KAIST, DCASE 2025)."""
+
+    def __init__(self, tagger: Tagger, separator: Separator, second_look: bool = False):
         super().__init__()
-        self.tagger, self.separator = tagger, separator
+        self.tagger, self.separator, self.second_look = tagger, separator, second_look
 
     @torch.no_grad()
     def forward(self, mixture: torch.Tensor) -> dict:
         """mixture [B, 4, L] -> {'label': 3 names per item, 'probabilities' [B, 3], 'waveform' [B, 3, L]}."""
-        labels, probabilities = self.tagger.predict(mixture)
-        orders = [sorted(range(NUM_SLOTS), key=lambda i: row[i] == SILENCE) for row in labels]
-        labels = [[row[i] for i in order] for row, order in zip(labels, orders)]
-        probabilities = torch.stack([p[order] for p, order in zip(probabilities, orders)])
+        labels, probabilities = silence_last(*self.tagger.predict(mixture))
         queries = torch.zeros(len(labels), NUM_SLOTS, NUM_CLASSES, device=mixture.device)
         for b, row in enumerate(labels):
             for s, label in enumerate(row):
                 if label != SILENCE:
                     queries[b, s, LABELS.index(label)] = 1.0
-        return {"label": labels, "probabilities": probabilities, "waveform": self.separator(mixture, queries)}
+        waveform = self.separator(mixture, queries)
+        named = [(b, s) for b, row in enumerate(labels) for s, label in enumerate(row) if label != SILENCE]
+        if self.second_look and named:  # each estimate as every microphone's signal, all in one batch
+            estimates = torch.stack([waveform[b, s] for b, s in named])[:, None]
+            heard, _ = self.tagger.predict(estimates.expand(-1, self.tagger.config.num_channels, -1))
+            for (b, s), row in zip(named, heard):
+                if all(label == SILENCE for label in row):
+                    labels[b][s], waveform[b, s] = SILENCE, 0.0
+            labels, probabilities, waveform = silence_last(labels, probabilities, waveform)
+        return {"label": labels, "probabilities": probabilities, "waveform": waveform}
 
 
 # ---- Checkpoints: official Lightning files and our own (evaluation, --init_from, --resume) -----------------------

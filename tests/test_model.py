@@ -287,6 +287,29 @@ def test_s5_sorts_silence_to_the_end_and_separates():
     assert not output["waveform"][0, 1:].any()
 
 
+def test_second_look_drops_a_source_the_tagger_hears_as_silence():
+    """The mixture is tagged (Speech, Dishes); alone, the Dishes estimate (all zero) is heard as silence: dropped."""
+    tagger, separator = small_tagger(), small_separator()
+    heard_as_silence = torch.full((3, 19), -5.0)
+    heard_as_silence[:, 18] = 5.0
+
+    def forward(waveform):
+        if waveform.shape[0] == 1:  # the mixture
+            logits = torch.full((1, 3, 19), -5.0)
+            logits[0, 0, 15], logits[0, 1, 18], logits[0, 2, LABELS.index("Dishes")] = 3.0, 3.0, 3.0
+            return logits
+        speech = torch.full((3, 19), -5.0)
+        speech[0, 15], speech[1:, 18] = 5.0, 5.0
+        return torch.stack([speech if estimate.abs().sum() > 0 else heard_as_silence for estimate in waveform])
+    tagger.forward = forward
+    x = mixture(0.5)[:1]
+    separator.forward = lambda mixture, queries: torch.stack([mixture[:, 0], 0 * mixture[:, 0], 0 * mixture[:, 0]], 1)
+    assert model.S5(tagger, separator)(x)["label"] == [["Speech", "Dishes", SILENCE]]
+    output = model.S5(tagger, separator, second_look=True)(x)
+    assert output["label"] == [["Speech", SILENCE, SILENCE]] and not output["waveform"][0, 1:].any()
+    assert torch.equal(output["waveform"][0, 0], x[0, 0])
+
+
 def trainable(tagger):
     return {name for name, parameter in tagger.named_parameters() if parameter.requires_grad}
 
