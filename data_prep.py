@@ -27,9 +27,9 @@ import torchaudio
 
 from cli import StrictParser, add_config_flags, config_from_args
 from devset import (LABELS, NUM_SLOTS, SAMPLE_RATE, SILENCE, SPLITS, DataIndex, find_dev_set, metadata_files,
-                    write_audio)
+                    resolve, write_audio)
 from evaluate import check_inputs
-from synth import SCENE_2025, GeneratedDataset, Renderer, SceneConfig
+from synth import SCENE_2025, GeneratedDataset, Renderer, SceneConfig, metadata_year
 
 SPEED_OF_SOUND = 343.0  # m/s
 MIC_POSITIONS = 0.042 * np.array([[1, 1, 1], [1, -1, -1], [-1, 1, -1], [-1, -1, 1]]) / np.sqrt(3)  # m, tetrahedron
@@ -193,7 +193,7 @@ def render_metadata(metadata_path, out_dir, data_root=None, subtype="FLOAT", cac
             raise ValueError(f"{file}: {error}") from None
         write_audio(out_dir / "soundscape" / f"{file.stem}.wav", mixture.numpy(), subtype)
         for slot, (label, source) in enumerate(zip(labels, dry)):
-            name = f"{file.stem}_{label}.wav" if isinstance(scene["room"], str) else f"{file.stem}_{slot}_{label}.wav"
+            name = f"{file.stem}_{label}.wav" if metadata_year(scene) == 2025 else f"{file.stem}_{slot}_{label}.wav"
             write_audio(out_dir / "oracle_target" / name, source[0].numpy(), subtype)
     return len(files)
 
@@ -329,12 +329,14 @@ def verify(data, year=None):
     if filelist.is_file():  # as the official 2025 verify.py --source_dir: paths from the repository root
         try:
             listed = json.loads(filelist.read_text())
-            absent = [path for path in listed if not (data / PurePosixPath(path).relative_to("data/dev_set")).exists()]
+            summary.append(f"config/filelist.json: {len(listed)} files listed")
+            for path in listed:
+                try:  # the metadata rule: 'data/dev_set/...' in this dev set, other paths from the repository root
+                    resolve(data, path)
+                except ValueError:
+                    problems.append(f"{filelist}: lists {path}, which is missing")
         except (ValueError, TypeError) as error:
             problems.append(f"{filelist}: expected a JSON list of 'data/dev_set/...' paths ({error})")
-        else:
-            summary.append(f"config/filelist.json: {len(listed)} files listed")
-            problems += [f"{filelist}: lists {path}, which is missing" for path in absent]
     valid = data / "metadata" / "valid.json"
     if valid.is_file():
         try:
@@ -346,8 +348,7 @@ def verify(data, year=None):
         for file in files:  # every referenced file and position, read as rendering reads them
             try:
                 scene = json.loads(file.read_text())
-                found = 2025 if isinstance(scene.get("room"), str) else 2026  # SpatialScaper: the room by name
-                if found != year:
+                if (found := metadata_year(scene)) != year:
                     raise ValueError(f"{'SpatialScaper (2025)' if found == 2025 else 'SpAudSyn (2026)'} metadata in "
                                      f"a {year} dev set")
                 renderer.prepare(scene)

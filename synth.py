@@ -190,6 +190,11 @@ class SceneGenerator:
 
 
 # ---- Reading a scene: its events' audio and the rules of its format ----------------------------------------------
+def metadata_year(scene) -> int:
+    """2025 for SpatialScaper metadata (the room by its file name), 2026 for SpAudSyn's (the room described)."""
+    return 2025 if isinstance(scene.get("room"), str) else 2026
+
+
 def scene_rules(scene):
     """(sofa path, positions as stored?, RIR rule, background stretch) of a scene's format. RIR rule (normalisation,
     dry channel, samples before / after the peak, signed peak): SpAudSyn keeps [argmax|h0| - 192, argmax|h0| + 1600]
