@@ -26,7 +26,8 @@ import data_prep
 import model
 import synth
 import train
-from cli import StrictParser, add_config_flags, config_from_args, cpu_has_native_bf16, resolve_device
+from cli import (StrictParser, add_config_flags, config_from_args, cpu_has_native_bf16, keep_freed_memory,
+                 resolve_device)
 from devset import LABELS, NUM_SLOTS, SAMPLE_RATE, SILENCE
 from metrics import capi_sdri
 
@@ -106,7 +107,7 @@ def bench_synthesis(config: BenchConfig, device, data: Path) -> list:
 def bench_models(config: BenchConfig, device) -> list:
     """Forward + backward ms of the full-size models, batch 2 x 10 s (CPU: 1 s), fp32 / bf16 / compiled."""
     rows, seconds = [], 10.0 if device.type == "cuda" else 1.0
-    train.keep_freed_memory(device)  # as train.py runs them
+    keep_freed_memory(device)  # as train.py runs them
     torch.manual_seed(0)
     mixture = torch.randn(2, 4, int(seconds * SAMPLE_RATE), device=device) * 0.1
     queries = torch.zeros(2, NUM_SLOTS, len(LABELS), device=device)

@@ -1,17 +1,20 @@
 """What every script shares on the command line: flags generated from dataclass configs, a parser that accepts
-whole flag names only and answers a typo with the closest valid flags, the device choice, and atomic file writes.
+whole flag names only and answers a typo with the closest valid flags, the device choice and the CPU
+heap setting, and atomic file writes.
 
 One flag per dataclass field, `--{prefix}{name}`, typed from the field's default, with the field's trailing
 `# comment` (or metadata["help"]) as its help text: a new field is a new flag without touching a parser.
 """
 import argparse
 import contextlib
+import ctypes
 import dataclasses
 import difflib
 import inspect
 import os
 import platform
 import re
+import sys
 from pathlib import Path
 
 import torch
@@ -52,6 +55,15 @@ def add_config_flags(parser, cls, prefix: str = "", dest_prefix: str | None = No
             else:
                 option["type"] = type(default) if default is not None else str
         parser.add_argument(f"--{prefix}{field.name}", **option)
+
+
+def format_flag(name: str, value) -> str:
+    """A value as the flag that sets it: --lr 0.001, --no-tf32, --scene.snr_range 5.0 20.0."""
+    if isinstance(value, bool):
+        return f"--{name}" if value else f"--no-{name}"
+    if isinstance(value, (tuple, list)):
+        return f"--{name} {' '.join(str(item) for item in value)}"
+    return f"--{name} {value if value != '' else repr(value)}"
 
 
 def config_from_args(arguments: argparse.Namespace, cls):
@@ -130,6 +142,15 @@ def cpu_has_native_bf16() -> bool | None:
     hardware = any(getattr(torch.cpu, check, lambda: False)()
                    for check in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
     return hardware and torch.backends.cpu.get_cpu_capability().startswith("AVX512")
+
+
+def keep_freed_memory(device: torch.device) -> None:
+    """On the CPU, keep freed memory mapped (glibc): each step frees its activations, and by default faulting them
+    back in costs about 20 % of a demo training step (BENCHMARKS.md)."""
+    mallopt = getattr(ctypes.CDLL(None), "mallopt", None) if sys.platform.startswith("linux") else None
+    if device.type == "cpu" and mallopt is not None:
+        mallopt(-3, 1 << 30)  # M_MMAP_THRESHOLD: arrays up to 1 GiB come from the heap ...
+        mallopt(-1, (1 << 31) - 1)  # M_TRIM_THRESHOLD: ... and up to 2 GiB of free heap stays mapped
 
 
 @contextlib.contextmanager

@@ -69,6 +69,9 @@ class EvaluateConfig:
     valid_metadata: str = "data/dev_set/metadata/valid.json"  # --tune_thresholds: the validation mixtures
     thresholds: str = ""  # a thresholds.json (--tune_thresholds) applied to the tagger's logits
     second_look: bool = False  # the tagger also hears each separated source alone; one it hears as silence is dropped
+    relabel_confidence: float = 0.0  # --second_look: a source heard as another class with this probability is
+    # relabelled and its mixture separated again (0 = never)
+    iterations: int = 0  # separator passes (0 = the checkpoint's iterations; > 1 needs a separator trained with them)
     compare: tuple[str, str] = field(default=("", ""), metadata={
         "help": "compare two result folders written by --out (B - A with 95 %% paired bootstrap intervals)",
         "metavar": ("A", "B")})
@@ -81,9 +84,10 @@ MODE_FLAGS = {
     "estimates": {"estimates", "data", "out", "metric", "overwrite", "report"},
     "submission": {"submission", "tagger", "separator", "data", "out", "metric", "device", "bf16", "tf32",
                    "batch_size", "num_workers", "author", "affiliation", "number", "eval_data", "thresholds",
-                   "second_look"},
+                   "second_look", "relabel_confidence", "iterations"},
     "inference": {"tagger", "separator", "data", "out", "metric", "overwrite", "save_waveforms", "float_wav", "device",
-                  "bf16", "tf32", "batch_size", "num_workers", "report", "thresholds", "second_look"},
+                  "bf16", "tf32", "batch_size", "num_workers", "report", "thresholds", "second_look",
+                  "relabel_confidence", "iterations"},
 }
 
 
@@ -104,6 +108,10 @@ def check_flags(config: EvaluateConfig) -> str | None:
         return f"inference needs both checkpoints: --{'separator' if config.tagger else 'tagger'} is missing"
     if config.batch_size < 1 or config.num_workers < 0:
         return "--batch_size must be >= 1, --num_workers >= 0"
+    if config.relabel_confidence and not (config.second_look and 0 < config.relabel_confidence <= 1):
+        return f"--relabel_confidence {config.relabel_confidence}: expected a probability in (0, 1] with --second_look"
+    if config.iterations < 0:
+        return f"--iterations {config.iterations}: expected a number of passes >= 1 (0 = the checkpoint's)"
     if config.float_wav and not config.save_waveforms:
         return "--float_wav applies to --save_waveforms"
     if (config.save_waveforms or config.report or config.submission) and not config.out:
@@ -321,9 +329,14 @@ def load_system(config: EvaluateConfig, device: torch.device) -> tuple[S5, int, 
                          f"expected {MIXTURE_CHANNELS} (the soundscapes' microphones)")
     if config.thresholds:
         tagger.label_offsets = read_thresholds(Path(config.thresholds))
-    system = S5(tagger, separator, config.second_look).to(device).eval()
+    if config.iterations > 1 and not hasattr(separator.base, "feedback_conv"):
+        raise ValueError(f"--iterations {config.iterations}: {config.separator} was trained with iterations 1 (it has "
+                         "no input for the previous estimate)")
+    separator.config.iterations = config.iterations or separator.config.iterations
+    system = S5(tagger, separator, config.second_look, config.relabel_confidence).to(device).eval()
     torch.set_float32_matmul_precision("high" if config.tf32 else "highest")  # 'highest' is torch's default
     models = {"tagger": config.tagger, "thresholds": config.thresholds, "second_look": config.second_look,
+              "relabel_confidence": config.relabel_confidence,
               "tagger_config": dataclasses.asdict(tagger.config),
               "separator": config.separator, "separator_config": dataclasses.asdict(separator.config)}
     return system, count_parameters(system), models

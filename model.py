@@ -82,11 +82,12 @@ class SeparatorConfig:
     n_fft: int = 1024  # STFT size = window length, samples
     hop_length: int = 160  # STFT hop, samples
     condition_dim: int = 512  # label embedding width
+    iterations: int = 1  # passes, each also fed the previous estimate (CPJKU, DCASE 2025); 1 = the official network
 
     def __post_init__(self):
-        if self.num_slots < 1 or self.base_channels < 1:
-            raise ValueError(f"SeparatorConfig: num_slots {self.num_slots} and base_channels {self.base_channels} "
-                             "must be positive")
+        if min(self.num_slots, self.base_channels, self.iterations) < 1:
+            raise ValueError(f"SeparatorConfig: num_slots {self.num_slots}, base_channels {self.base_channels} and "
+                             f"iterations {self.iterations} must be positive")
 
 
 # ---- Tagger: log-mel front end, M2D ViT backbone, heads ----------------------------------------------------------
@@ -419,6 +420,9 @@ class ResUNet30Base(nn.Module):
         pools = [(2, 2)] * 5 + [(1, 2)]
         self.bn0 = nn.BatchNorm2d(config.n_fft // 2 + 1, momentum=0.01)
         self.pre_conv = nn.Conv2d(config.input_channels, c, 1)
+        if config.iterations > 1:  # the previous estimates as K more input channels, starting at zero weight
+            self.feedback_conv = nn.Conv2d(config.num_slots, c, 1, bias=False)
+            nn.init.zeros_(self.feedback_conv.weight)
         for i in range(6):
             setattr(self, f"encoder_block{i + 1}", EncoderBlock(widths[i], widths[i + 1], pools[i], f"encoder_block{i + 1}"))
         self.conv_block7a = EncoderBlock(widths[6], widths[6], (1, 1), "conv_block7a")
@@ -429,14 +433,17 @@ class ResUNet30Base(nn.Module):
         self.out_conv = nn.Conv2d(config.input_channels, 1, 1)
         self.time_multiple = 2 ** sum(p[0] == 2 for p in pools)  # 32
 
-    def forward(self, magnitude: torch.Tensor, betas: dict) -> torch.Tensor:
-        """magnitude [B, C, T, F] -> mask logits [B, C*3*K, T, F]."""
-        frames = magnitude.shape[2]
+    def forward(self, magnitude: torch.Tensor, betas: dict, feedback: torch.Tensor | None = None) -> torch.Tensor:
+        """magnitude [B, C, T, F], feedback (iterations > 1: log1p magnitudes of the previous estimates, zero in the
+        first pass) [B, K, T, F] -> mask logits [B, C*3*K, T, F]."""
+        frames, padding = magnitude.shape[2], (0, 0, 0, (-magnitude.shape[2]) % self.time_multiple)
         x = self.bn0(magnitude.transpose(1, 3)).transpose(1, 3)  # (B, C, T, F), statistics per frequency bin
-        x = F.pad(x, (0, 0, 0, (-frames) % self.time_multiple))[..., :-1]  # (B, C, T', F-1): drop Nyquist
+        x = F.pad(x, padding)[..., :-1]  # (B, C, T', F-1): drop Nyquist
         if x.is_cuda:
             x = x.contiguous(memory_format=torch.channels_last)  # NHWC convolutions are faster on GPUs
         x = self.pre_conv(x)
+        if feedback is not None:
+            x = x + self.feedback_conv(F.pad(feedback, padding)[..., :-1])  # (B, c, T', F-1)
         skips = []
         for i in range(1, 7):
             x, skip = getattr(self, f"encoder_block{i}")(x, betas)
@@ -478,8 +485,10 @@ class Separator(nn.Module):
         return torch.istft(spec, self.config.n_fft, self.config.hop_length, window=self.window, center=True,
                            length=length)
 
-    def separate(self, mixture: torch.Tensor, label_vector: torch.Tensor) -> torch.Tensor:
-        """mixture [B, C, L], label_vector [B, K*18] -> waveforms [B, K, L] (before the silence mask)."""
+    def separate(self, mixture: torch.Tensor, label_vector: torch.Tensor, previous: torch.Tensor | None = None
+                 ) -> torch.Tensor:
+        """mixture [B, C, L], label_vector [B, K*18], previous (iterations > 1: the last pass's waveforms, None in
+        the first) [B, K, L] -> waveforms [B, K, L] (before the silence mask)."""
         B, C, L = mixture.shape
         K = self.config.num_slots
         with torch.autocast(mixture.device.type, enabled=False):
@@ -487,9 +496,15 @@ class Separator(nn.Module):
             real, imag = real.view(B, C, *real.shape[1:]), imag.view(B, C, *imag.shape[1:])  # (B, C, T, F)
             magnitude = (real.square() + imag.square()).clamp(min=MAG_EPS).sqrt()
             cos, sin = real / magnitude, imag / magnitude
+            feedback = None
+            if hasattr(self.base, "feedback_conv"):  # log1p(0) = 0 in the first pass: the feedback conv adds exactly 0
+                feedback = torch.zeros(B, K, *magnitude.shape[2:], device=mixture.device)  # (B, K, T, F)
+                if previous is not None:
+                    real, imag = self.spectrogram(previous.reshape(B * K, L))
+                    feedback = torch.log1p(torch.sqrt(real.square() + imag.square())).view(B, K, *real.shape[1:])
         condition = self.label_embedding(label_vector)  # (B, 512)
         betas = {name: layer(condition)[:, :, None, None] for name, layer in self.film.items()}  # (B, C_i, 1, 1)
-        logits = self.base(magnitude, betas)  # (B, C*3*K, T, F)
+        logits = self.base(magnitude, betas, feedback)  # (B, C*3*K, T, F)
         with torch.autocast(mixture.device.type, enabled=False):
             logits = logits.float().view(B, K, C, 3, *logits.shape[2:])  # (B, K, C, 3, T, F)
             mask_magnitude = torch.sigmoid(logits[:, :, :, 0])  # (B, K, C, T, F)
@@ -505,9 +520,10 @@ class Separator(nn.Module):
             out_imag = self.base.out_conv(out_imag.flatten(0, 1)).squeeze(1)
             return self.waveform(out_real, out_imag, L).view(B, K, L)
 
-    def forward(self, mixture: torch.Tensor, queries: torch.Tensor) -> torch.Tensor:
+    def forward(self, mixture: torch.Tensor, queries: torch.Tensor, passes: int = 0) -> torch.Tensor:
         """mixture [B, 4, L], one-hot queries [B, Q, 18] (all-zero row = silent slot) -> waveforms [B, Q, L], silent
-        slots exactly 0. K = 3 models need Q == 3; K = 1 models separate the Q queries as a batch."""
+        slots exactly 0. K = 3 models need Q == 3; K = 1 models separate the Q queries as a batch. passes (0 = the
+        configured iterations): only the last one is differentiated; it is fed the earlier one's estimate."""
         B, Q, _ = queries.shape
         K = self.config.num_slots
         if mixture.dim() != 3 or mixture.shape[1] != self.config.input_channels:
@@ -518,7 +534,13 @@ class Separator(nn.Module):
         active = (queries != 0).any(-1).float()  # (B, Q)
         if K == 1:
             mixture = mixture.repeat_interleave(Q, dim=0)  # (B*Q, C, L)
-        waveforms = self.separate(mixture, queries.reshape(-1, K * NUM_CLASSES).float())  # (B*Q/K, K, L)
+        label_vector, waveforms = queries.reshape(-1, K * NUM_CLASSES).float(), None
+        passes = passes or self.config.iterations
+        if passes > 1 and not hasattr(self.base, "feedback_conv"):
+            raise ValueError(f"{passes} separator passes need a separator built with iterations > 1 (a feedback input)")
+        for done in range(1, passes + 1):
+            with torch.set_grad_enabled(torch.is_grad_enabled() and done == passes):
+                waveforms = self.separate(mixture, label_vector, waveforms)  # (B*Q/K, K, L)
         return waveforms.reshape(B, Q, -1) * active.unsqueeze(-1)  # (B, Q, L)
 
 
@@ -539,29 +561,46 @@ def silence_last(labels, *per_slot):
 
 class S5(nn.Module):
     """Tag the mixture, move silent slots to the end (stable), separate the named sources. second_look: the tagger
-    also hears each separated source alone, and a source it hears as silence is dropped (KAIST, DCASE 2025)."""
+    also hears each separated source alone (KAIST, DCASE 2025), and a source it hears as silence is dropped;
+    relabel_confidence > 0: a source it hears as another class with at least that probability takes that label, and
+    its mixture is separated again."""
 
-    def __init__(self, tagger: Tagger, separator: Separator, second_look: bool = False):
+    def __init__(self, tagger: Tagger, separator: Separator, second_look: bool = False,
+                 relabel_confidence: float = 0.0):
         super().__init__()
-        self.tagger, self.separator, self.second_look = tagger, separator, second_look
+        self.tagger, self.separator = tagger, separator
+        self.second_look, self.relabel_confidence = second_look, relabel_confidence
 
-    @torch.no_grad()
-    def forward(self, mixture: torch.Tensor) -> dict:
-        """mixture [B, 4, L] -> {'label': 3 names per item, 'probabilities' [B, 3], 'waveform' [B, 3, L]}."""
-        labels, probabilities = silence_last(*self.tagger.predict(mixture))
+    def separate(self, mixture: torch.Tensor, labels: list) -> torch.Tensor:
+        """mixture [B, 4, L], 3 labels per item -> waveforms [B, 3, L], silent slots exactly 0."""
         queries = torch.zeros(len(labels), NUM_SLOTS, NUM_CLASSES, device=mixture.device)
         for b, row in enumerate(labels):
             for s, label in enumerate(row):
                 if label != SILENCE:
                     queries[b, s, LABELS.index(label)] = 1.0
-        waveform = self.separator(mixture, queries)
+        return self.separator(mixture, queries)
+
+    @torch.no_grad()
+    def forward(self, mixture: torch.Tensor) -> dict:
+        """mixture [B, 4, L] -> {'label': 3 names per item, 'probabilities' [B, 3], 'waveform' [B, 3, L]}."""
+        labels, probabilities = silence_last(*self.tagger.predict(mixture))
+        waveform = self.separate(mixture, labels)
         named = [(b, s) for b, row in enumerate(labels) for s, label in enumerate(row) if label != SILENCE]
         if self.second_look and named:  # each estimate as every microphone's signal, all in one batch
             estimates = torch.stack([waveform[b, s] for b, s in named])[:, None]
-            heard, _ = self.tagger.predict(estimates.expand(-1, self.tagger.config.num_channels, -1))
-            for (b, s), row in zip(named, heard):
+            heard, heard_probabilities = self.tagger.predict(estimates.expand(-1, self.tagger.config.num_channels, -1))
+            relabelled = set()
+            for (b, s), row, row_probabilities in zip(named, heard, heard_probabilities.tolist()):
                 if all(label == SILENCE for label in row):
                     labels[b][s], waveform[b, s] = SILENCE, 0.0
+                elif self.relabel_confidence > 0 and labels[b][s] not in row:
+                    probability, label = max((p, name) for p, name in zip(row_probabilities, row) if name != SILENCE)
+                    if probability >= self.relabel_confidence:
+                        labels[b][s], probabilities[b, s] = label, probability
+                        relabelled.add(b)
+            if relabelled:
+                again = sorted(relabelled)
+                waveform[again] = self.separate(mixture[again], [labels[b] for b in again])
             labels, probabilities, waveform = silence_last(labels, probabilities, waveform)
         return {"label": labels, "probabilities": probabilities, "waveform": waveform}
 
@@ -661,8 +700,10 @@ def load_weights(module: nn.Module, weights: dict, source: str, strict: bool = T
     own = module.state_dict()
     reshaped = [f"{key} {list(weights[key].shape)} in the checkpoint, {list(own[key].shape)} here"
                 for key in weights if key in own and weights[key].shape != own[key].shape]
+    # A separator with iterations > 1 starting from one without the feedback input (official): that input starts at 0.
+    missing = [key for key in own if key not in weights and not key.endswith("feedback_conv.weight")]
     problems = "; ".join(f"{label} {len(keys)} ({', '.join(keys[:3])}{', ...' if len(keys) > 3 else ''})"
-                         for label, keys in (("missing", [key for key in own if key not in weights]),
+                         for label, keys in (("missing", missing),
                                              ("unexpected", [key for key in weights if key not in own]),
                                              ("other shape", reshaped)) if keys)
     if problems and strict:

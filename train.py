@@ -16,7 +16,6 @@ accumulation. Training scenes are an endless stream, scene number a pure functio
 --resume continues exactly. SIGINT, SIGTERM and SIGHUP stop all ranks after the step, with last.pt written.
 """
 import argparse
-import ctypes
 import dataclasses
 import gc
 import json
@@ -36,7 +35,8 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
-from cli import add_config_flags, atomic_path, cpu_has_native_bf16, resolve_device, unknown_flags_message
+from cli import (add_config_flags, atomic_path, cpu_has_native_bf16, format_flag, keep_freed_memory, resolve_device,
+                 unknown_flags_message)
 from devset import LABELS, SAMPLE_RATE
 from metrics import (binary_cross_entropy, capi_sdri, class_aware_pit_snr_loss, label_accuracies, label_counts,
                      masked_snr_loss, pit_cross_entropy, snr64)
@@ -87,6 +87,7 @@ class TrainConfig:
     eval_mixtures: int = 0  # validation mixtures from valid.json (0 = all)
     eval_batch_size: int = 4  # validation mixtures per device and batch
     checkpoint_interval: int = 100  # steps between writes of last.pt (also written at every validation)
+    tensorboard: bool = True  # also write the log and validation lines to OUT_DIR/tensorboard (if it is installed)
 
 
 SECTIONS = {"train": TrainConfig, "tagger": TaggerConfig, "separator": SeparatorConfig, "scene": SceneConfig}
@@ -143,15 +144,6 @@ OFFICIAL_PRESET = {"tagging": "m2dat_1c", "separation": "resunetk_capisdr"}
 
 
 # ---- Configuration: defaults < preset < --config < flags ---------------------------------------------------------
-def format_flag(name: str, value) -> str:
-    """A value as the flag that sets it: --lr 0.001, --no-tf32, --scene.snr_range 5.0 20.0."""
-    if isinstance(value, bool):
-        return f"--{name}" if value else f"--no-{name}"
-    if isinstance(value, (tuple, list)):
-        return f"--{name} {' '.join(str(item) for item in value)}"
-    return f"--{name} {value if value != '' else repr(value)}"
-
-
 def build_parser() -> argparse.ArgumentParser:
     """Every field a flag; --help shows the values of the official presets (per task where they differ)."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -337,7 +329,8 @@ def freeze_unused_parameters(model: torch.nn.Module, task: str) -> list[str]:
 def config_differences(saved, current, section: str, resume: bool) -> str:
     """'' when a checkpoint's model configuration gives this run's weight layout, else the fields that differ."""
     saved, current = (json.loads(json.dumps(dataclasses.asdict(config))) for config in (saved, current))
-    keys = [key for key in current if key not in ("finetuning", "m2d_weights") and saved.get(key) != current[key]]
+    free = ("finetuning", "m2d_weights") + ("iterations",) * (not resume)  # a new feedback input starts at zero
+    keys = [key for key in current if key not in free and saved.get(key) != current[key]]
     hint = f"; --resume keeps the run's model: remove {' '.join(f'--{section}.{key}' for key in keys)}" * resume
     return (f"checkpoint has {' and '.join(f'{section}.{key} {saved.get(key)}' for key in keys)}, this run "
             f"{' and '.join(str(current.get(key)) for key in keys)}{hint}") if keys else ""
@@ -502,13 +495,13 @@ def step_batches(start: int, max_steps: int, accumulation: int, rank: int, world
             yield list(range(first, first + batch_size))
 
 
-def keep_freed_memory(device: torch.device) -> None:
-    """On the CPU, keep freed memory mapped (glibc): each step frees its activations, and by default faulting them
-    back in costs about 20 % of a demo training step (BENCHMARKS.md)."""
-    mallopt = getattr(ctypes.CDLL(None), "mallopt", None) if sys.platform.startswith("linux") else None
-    if device.type == "cpu" and mallopt is not None:
-        mallopt(-3, 1 << 30)  # M_MMAP_THRESHOLD: arrays up to 1 GiB come from the heap ...
-        mallopt(-1, (1 << 31) - 1)  # M_TRIM_THRESHOLD: ... and up to 2 GiB of free heap stays mapped
+def tensorboard_writer(out_dir: Path, say):
+    """A TensorBoard writer on OUT_DIR/tensorboard, or None when the optional tensorboard package is missing."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+        return SummaryWriter(str(out_dir / "tensorboard"))
+    except ImportError:
+        say("TensorBoard: the tensorboard package is not installed (pip install tensorboard); log.jsonl only")
 
 
 def ignore_stop_signals(worker_id: int) -> None:
@@ -526,9 +519,10 @@ def make_loader(dataset, workers: int, config, device, persistent: bool, **optio
 
 
 # ---- Loss, validation, learning rate -----------------------------------------------------------------------------
-def compute_loss(model, batch: dict, loss: str, generator: torch.Generator | None = None) -> tuple:
+def compute_loss(model, batch: dict, loss: str, generator: torch.Generator | None = None, passes: int = 0) -> tuple:
     """(float64 loss, model output) of one batch. The 2025 single-query ResUNet ('snr') trains on one non-silent slot
-    per mixture drawn from `generator`; validation (generator None) scores every non-silent slot."""
+    per mixture drawn from `generator`; validation (generator None) scores every non-silent slot. passes: separator
+    passes (0 = its configured iterations)."""
     if loss not in sum(LOSSES.values(), ()):
         raise ValueError(f"unknown loss {loss!r}; expected one of {', '.join(sum(LOSSES.values(), ()))}")
     mixture = batch["mixture"]  # (B, 4, L)
@@ -544,9 +538,9 @@ def compute_loss(model, batch: dict, loss: str, generator: torch.Generator | Non
         slot = torch.multinomial(active.float().cpu(), 1, generator=generator).to(mixture.device)  # (B, 1)
         query = queries.gather(1, slot[:, :, None].expand(-1, -1, queries.shape[-1]))  # (B, 1, 18)
         target = targets.gather(1, slot[:, :, None].expand(-1, -1, targets.shape[-1]))  # (B, 1, L)
-        preds = model(mixture, query).float()  # (B, 1, L)
+        preds = model(mixture, query, passes).float()  # (B, 1, L)
         return -snr64(preds[:, 0], target[:, 0]).mean(), preds
-    preds = model(mixture, queries).float()  # (B, 3, L)
+    preds = model(mixture, queries, passes).float()  # (B, 3, L)
     if loss == "class_aware_pit_snr":
         return class_aware_pit_snr_loss(preds, targets, queries)[0], preds
     if loss == "snr_masked":
@@ -762,10 +756,17 @@ def train(cli, config: TrainConfig, model_config, scene: SceneConfig, preset: st
         say(f"{len(unused)} parameter tensors never get a gradient and are frozen (no find_unused_parameters): "
             f"{', '.join(unused[:4])}{', ...' if len(unused) > 4 else ''}")
 
+    writer = tensorboard_writer(out_dir, say) if master and config.tensorboard else None
+
     def log(entry: dict) -> None:
         if master:
             with open(log_path, "a") as file:
                 file.write(json.dumps(entry) + "\n")
+            if writer and entry["event"] in ("train", "valid"):  # the same numbers, for the official baseline's viewer
+                for key, value in entry.items():
+                    if key != "step" and isinstance(value, (int, float)):
+                        writer.add_scalar(f"{entry['event']}/{key}", value, entry["step"])
+                writer.flush()
 
     def save(path: Path, full: bool) -> None:
         """last.pt (full): everything --resume needs; best.pt: what evaluation and --init_from read."""
@@ -802,6 +803,7 @@ def train(cli, config: TrainConfig, model_config, scene: SceneConfig, preset: st
     batches, waited = iter(train_loader), 0.0  # seconds the loop waited for batches
     status = StepStatus(config, device, world_size, step, check_gradients=not scaler.is_enabled())
     window = dict.fromkeys(("steps", "loss", "grad_norm", "seconds"), 0.0)
+    iterations = getattr(model_config, "iterations", 1)  # separator passes
     saved_step = step if cli.resume else None
     while step < config.max_steps:
         lr = learning_rate(step, config)
@@ -813,12 +815,14 @@ def train(cli, config: TrainConfig, model_config, scene: SceneConfig, preset: st
             batch = next(batches)
             waited += time.perf_counter() - start
             batch = renderer(batch)  # on the device, rendered
-            generator = None
-            if loss == "snr":  # the 2025 single-query draw, a function of the scene number like the data
-                generator = torch.Generator().manual_seed(config.seed + scene_number(step, micro_step, *numbering))
+            # Training draws are functions of the scene numbers, like the data: the 2025 single query per mixture, and
+            # 1 to `iterations` separator passes, the same on every rank (SyncBatchNorm gathers in every pass).
+            generator = torch.Generator().manual_seed(config.seed + scene_number(step, micro_step, *numbering))
+            draw = torch.Generator().manual_seed(config.seed + step * accumulation + micro_step)
+            passes = int(torch.randint(1, iterations + 1, (), generator=draw))
             with nullcontext() if world_size == 1 or micro_step == accumulation - 1 else train_model.no_sync():
                 with autocast:
-                    value = compute_loss(train_model, batch, loss, generator)[0]
+                    value = compute_loss(train_model, batch, loss, generator, passes)[0]
                 scaler.scale(value / accumulation).backward()
             loss_sum += value.detach()
         scaler.unscale_(optimizer)

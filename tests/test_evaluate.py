@@ -386,6 +386,9 @@ def test_user_errors_are_one_line_and_change_nothing(checkpoints, data, tmp_path
          ["soundscape_0002.wav: 32000 Hz, 2 channels"], ["oracle_target"]),
         ((*system, "--data", copies["lengths"], "--batch_size", 2, "--out", out),
          ["mixtures of different lengths", "use --batch_size 1"], ["oracle_target"]),
+        ((*system, "--data", data, "--iterations", 3, "--out", out), ["--iterations 3", "separator.pt", "trained with "
+                                                                      "iterations 1"], []),
+        ((*system, "--data", data, "--relabel_confidence", 0.9), ["--relabel_confidence 0.9", "--second_look"], []),
     ]
     before = snapshot(tmp_path, data)
     for arguments, expected, unexpected in cases:

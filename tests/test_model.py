@@ -310,6 +310,59 @@ def test_second_look_drops_a_source_the_tagger_hears_as_silence():
     assert torch.equal(output["waveform"][0, 0], x[0, 0])
 
 
+def test_second_look_relabels_a_confidently_contradicted_source_and_separates_again():
+    """Tagged (Speech, Dishes); alone, the Dishes estimate is heard as Cough with p ~ 1: with relabel_confidence 0.9
+    the slot becomes Cough and the mixture is separated again with the new queries; below 0.95, or without the option,
+    nothing changes."""
+    tagger, separator = small_tagger(), small_separator()
+    cough = LABELS.index("Cough")
+
+    def forward(waveform):
+        if waveform.shape[0] == 1:  # the mixture
+            logits = torch.full((1, 3, 19), -5.0)
+            logits[0, 0, 15], logits[0, 1, LABELS.index("Dishes")], logits[0, 2, 18] = 3.0, 3.0, 3.0
+            return logits
+        heard = torch.full((len(waveform), 3, 19), -9.0)
+        heard[:, 1:, 18] = 9.0
+        heard[0, 0, 15], heard[1, 0, cough], heard[1, 0, 4] = 9.0, 9.0, 6.0  # Speech as Speech, Dishes as Cough (0.95)
+        return heard
+    tagger.forward = forward
+    calls = []
+    separator.forward = lambda mixture, queries: calls.append(queries.clone()) or queries[..., :1] * mixture[:, None, 0]
+    x = mixture(0.5)[:1]
+    assert model.S5(tagger, separator, second_look=True)(x)["label"] == [["Speech", "Dishes", SILENCE]]
+    calls.clear()
+    output = model.S5(tagger, separator, second_look=True, relabel_confidence=0.9)(x)
+    assert output["label"] == [["Speech", "Cough", SILENCE]] and abs(output["probabilities"][0, 1] - 0.9526) < 1e-3
+    assert len(calls) == 2 and calls[1][0, 1, cough] == 1 and calls[1][0, 1].sum() == 1
+    assert model.S5(tagger, separator, second_look=True, relabel_confidence=0.96)(x)["label"][0][1] == "Dishes"
+
+
+def test_iterative_refinement_starts_as_the_official_network(tmp_path):
+    """iterations > 1 adds one zero-initialised input for the previous estimate: an official checkpoint loads into it
+    and gives bit-identical outputs; only the last pass is differentiated, and it is fed the earlier estimate."""
+    separator = small_separator()
+    assert not any("feedback" in key for key in separator.state_dict())  # iterations 1: the official key set
+    path = save_lightning(tmp_path / "resunetk.ckpt", official_separator_state(separator))
+    checkpoint = model.read_checkpoint(path, "separator")
+    refined = model.Separator(dataclasses.replace(checkpoint.config, iterations=3)).eval()
+    model.load_weights(refined, checkpoint.weights, path)  # strict: only the feedback input may be missing
+    x, q = mixture(0.5), queries([["Speech", None, "Cough"], ["Dishes", "Dishes", None]])
+    with torch.no_grad():
+        official = separator(x, q)
+        assert torch.equal(refined(x, q), official)
+        torch.nn.init.normal_(refined.base.feedback_conv.weight)
+        assert torch.equal(refined(x, q, passes=1), official)  # the first pass is fed zeros
+        assert not torch.allclose(refined(x, q), official)
+    grad_enabled = []
+    separate = refined.separate
+    refined.separate = lambda *args: grad_enabled.append(torch.is_grad_enabled()) or separate(*args)
+    refined.train()(x, q, passes=3).square().sum().backward()
+    assert grad_enabled == [False, False, True] and refined.base.feedback_conv.weight.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="iterations > 1"):
+        separator(x, q, passes=2)
+
+
 def trainable(tagger):
     return {name for name, parameter in tagger.named_parameters() if parameter.requires_grad}
 

@@ -353,6 +353,33 @@ def test_resume_is_exact(demo_dev_set, tmp_path):
         train.main(tiny_args("separation", demo_dev_set, split))
 
 
+def test_iterative_separator_trains_and_tensorboard_gets_the_log(demo_dev_set, tmp_path):
+    """--separator.iterations 3 trains (1-3 passes per step) and validates; TensorBoard holds log.jsonl's numbers."""
+    accumulator = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
+    train.main(tiny_args("separation", demo_dev_set, tmp_path, "--separator.iterations", "3"))
+    saved = torch.load(tmp_path / "last.pt", map_location="cpu", weights_only=False)
+    assert saved["model_config"]["iterations"] == 3 and saved["model"]["base.feedback_conv.weight"].abs().sum() > 0
+    assert not train.config_differences(SeparatorConfig(), SeparatorConfig(iterations=3), "separator", resume=False)
+    assert "separator.iterations 1" in train.config_differences(SeparatorConfig(), SeparatorConfig(iterations=3),
+                                                                "separator", resume=True)
+    events = accumulator.EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    logged = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    for event, key in (("train", "loss"), ("train", "grad_norm"), ("valid", "capi_sdri")):
+        scalars = events.Scalars(f"{event}/{key}")
+        assert [scalar.step for scalar in scalars] == [entry["step"] for entry in logged if entry["event"] == event]
+        assert [scalar.value for scalar in scalars] == pytest.approx([entry[key] for entry in logged
+                                                                      if entry["event"] == event], rel=1e-6)
+
+
+def test_tensorboard_is_skipped_cleanly_without_the_package(demo_dev_set, tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # import now raises ImportError
+    train.main(tiny_args("tagging", demo_dev_set, tmp_path, "--max_steps", "1"))
+    assert "tensorboard package is not installed" in capsys.readouterr().out
+    assert (tmp_path / "log.jsonl").is_file() and (tmp_path / "last.pt").is_file()
+    assert not (tmp_path / "tensorboard").exists()
+
+
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the synthesizer overflows on purpose
 def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(demo_dev_set, tmp_path):
     train.main(tiny_args("tagging", demo_dev_set, tmp_path, "--max_steps", "1"))
@@ -446,7 +473,8 @@ def test_tagging_validation_runs_the_model_once_per_batch(demo_dev_set, tmp_path
     assert validations == [2, 2]  # forward calls of each validation: 2 batches of 1 mixture
     entries = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
     assert [entry["mixtures"] for entry in entries if entry["event"] == "valid"] == [2, 2]
-    assert sorted(path.name for path in tmp_path.iterdir()) == ["best.pt", "config.json", "last.pt", "log.jsonl"]
+    assert sorted(path.name for path in tmp_path.iterdir() if path.name != "tensorboard") == [
+        "best.pt", "config.json", "last.pt", "log.jsonl"]
 
 
 def test_render_on_and_num_workers_defaults(monkeypatch):
