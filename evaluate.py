@@ -69,8 +69,7 @@ class EvaluateConfig:
     valid_metadata: str = "data/dev_set/metadata/valid.json"  # --tune_thresholds: the validation mixtures
     thresholds: str = ""  # a thresholds.json (--tune_thresholds) applied to the tagger's logits
     second_look: bool = False  # the tagger also hears each separated source alone; one it hears as silence is dropped
-    relabel_confidence: float = 0.0  # --second_look: a source heard as another class with this probability is
-    # relabelled and its mixture separated again (0 = never)
+    relabel_confidence: float = 0.0  # relabel a source heard as another class at p >= this (--second_look; 0 = off)
     iterations: int = 0  # separator passes (0 = the checkpoint's iterations; > 1 needs a separator trained with them)
     compare: tuple[str, str] = field(default=("", ""), metadata={
         "help": "compare two result folders written by --out (B - A with 95 %% paired bootstrap intervals)",
