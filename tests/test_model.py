@@ -311,7 +311,7 @@ def test_second_look_drops_a_source_the_tagger_hears_as_silence():
 
 
 def test_second_look_relabels_a_confidently_contradicted_source_and_separates_again():
-    """Tagged (Speech, Dishes); alone, the Dishes estimate is heard as Cough with p ~ 1: with relabel_confidence 0.9
+    """Tagged (Speech, Dishes); alone, the Dishes estimate is heard as Cough with p 0.95: with relabel_confidence 0.9
     the slot becomes Cough and the mixture is separated again with the new queries; below 0.95, or without the option,
     nothing changes."""
     tagger, separator = small_tagger(), small_separator()
