@@ -268,7 +268,7 @@ def find_dev_set(metadata_path):
         if (folder / "sound_event").is_dir() and (folder / "room_ir").is_dir():
             return folder
     raise ValueError(f"{metadata_path}: lies in no dev set (no folder above it holds sound_event/ and room_ir/); "
-                     "name the dev set explicitly (data_root, --data_root)")
+                     "keep it inside its dev set, or name the dev set (data_prep.py render --data_root)")
 
 
 def metadata_files(metadata_path):
