@@ -16,6 +16,7 @@ import h5py
 import numpy as np
 import scipy.signal
 import soundfile
+import torch
 
 from cli import atomic_path
 
@@ -31,6 +32,21 @@ SPLITS = ("train", "valid")  # training draws from train; the validation metadat
 SOURCE_FOLDERS = ("sound_event", "interference", "noise", "room_ir")  # each split into SPLITS
 OFFICIAL_PREFIX = "data/dev_set/"  # the dev set in metadata paths (relative to the official repository root)
 POSITION_TOLERANCE = 1e-3  # m, a SpAudSyn event position must lie this close to a stored RIR position
+
+
+def label_vector(labels, mode="stack", silence_mode="zeros"):
+    """Labels -> 'stack' [n, K], 'concat' [n * K] or 'multihot' [K]; K = 18 ('zeros') or 19 ('onehot': 18 = silence)."""
+    if silence_mode not in ("zeros", "onehot") or mode not in ("stack", "concat", "multihot"):
+        raise ValueError(f"label_vector_mode {mode!r}, silence_label_mode {silence_mode!r}: expected 'stack', "
+                         "'concat' or 'multihot', and 'zeros' or 'onehot'")
+    names = LABELS + ((SILENCE,) if silence_mode == "onehot" else ())
+    rows = torch.zeros(len(labels), len(names))
+    for row, label in enumerate(labels):
+        if label not in names and label != SILENCE:
+            raise ValueError(f"unknown label {label!r}; expected one of LABELS or {SILENCE!r}")
+        if label in names:
+            rows[row, names.index(label)] = 1.0
+    return {"stack": rows, "concat": rows.reshape(-1), "multihot": rows.sum(0).clamp(max=1)}[mode]
 
 
 # ---- Audio files, SOFA rooms (netCDF-4 / HDF5, read with h5py) ---------------------------------------------------

@@ -30,11 +30,11 @@ import torch
 
 import report
 from cli import StrictParser, add_config_flags, atomic_path, config_from_args, resolve_device
-from devset import (LABELS, NUM_SLOTS, SAMPLE_RATE, SILENCE, audio_info, index_sources, parse_source_name,
-                    read_audio, write_audio)
+from devset import (LABELS, NUM_SLOTS, SAMPLE_RATE, SILENCE, audio_info, index_sources, label_vector,
+                    parse_source_name, read_audio, write_audio)
 from metrics import METRIC_NAMES, MetricAccumulator, label_accuracies, label_counts
 from model import S5, count_parameters, load_separator, load_tagger
-from synth import MetadataDataset, collate, label_vector
+from synth import MetadataDataset, collate
 
 MIXTURE_CHANNELS = 4  # microphones of every soundscape
 DEV_RESULTS_FILENAME = "dev_set_test_results.json"  # submission: the dev test set results (official name)
@@ -616,11 +616,13 @@ def main():
     mode = (run_compare if any(config.compare) else run_tune if config.tune_thresholds else run_scoring if
             config.estimates else run_submission if config.submission else run_inference)
     try:
-        if config.metric == "auto":
+        if config.metric == "auto" and mode in (run_inference, run_scoring, run_submission):  # modes that score
             config.metric = "ca-sdri" if test_set_year(Path(config.data)) == 2025 else "capi-sdri"
         mode(config)
     except (ValueError, OSError) as error:  # bad input: its message names the file or flag; no traceback
-        print(f"error: {error}", file=sys.stderr)
+        message = str(error)  # raised in a DataLoader worker, it comes with the worker's traceback: keep the error
+        message = message.strip().splitlines()[-1].split(": ", 1)[-1] if "Original Traceback" in message else message
+        print(f"error: {message}", file=sys.stderr)
         sys.exit(2)
 
 

@@ -19,7 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torchaudio
 
-from devset import LABELS, NUM_SLOTS, SILENCE
+from devset import LABELS, NUM_SLOTS, SILENCE, label_vector
 
 NUM_CLASSES = len(LABELS)  # 18 target classes: the separator's query size
 TAGGER_CLASSES = NUM_CLASSES + 1  # the 2026 tagger adds 'silence' as class 18
@@ -573,12 +573,7 @@ class S5(nn.Module):
 
     def separate(self, mixture: torch.Tensor, labels: list) -> torch.Tensor:
         """mixture [B, 4, L], 3 labels per item -> waveforms [B, 3, L], silent slots exactly 0."""
-        queries = torch.zeros(len(labels), NUM_SLOTS, NUM_CLASSES, device=mixture.device)
-        for b, row in enumerate(labels):
-            for s, label in enumerate(row):
-                if label != SILENCE:
-                    queries[b, s, LABELS.index(label)] = 1.0
-        return self.separator(mixture, queries)
+        return self.separator(mixture, torch.stack([label_vector(row) for row in labels]).to(mixture.device))
 
     @torch.no_grad()
     def forward(self, mixture: torch.Tensor) -> dict:

@@ -24,7 +24,7 @@ import numpy as np
 import scipy.fft
 import torch
 
-from devset import (LABELS, NUM_SLOTS, SAMPLE_RATE, SILENCE, DataIndex, find_dev_set, metadata_files, open_room,
+from devset import (NUM_SLOTS, SAMPLE_RATE, SILENCE, DataIndex, find_dev_set, label_vector, metadata_files, open_room,
                     read_audio, resolve)
 
 ROOM_MODULE = "src.modules.spatial_audio_synthesizer.room"  # written into metadata for the official loader
@@ -79,6 +79,14 @@ class SceneGenerator:
             raise ValueError(f"metadata_format {config.metadata_format!r}: expected 'spaudsyn' or 'spatialscaper'")
         if config.metadata_format == "spatialscaper" and config.dupse_rate > 0:
             raise ValueError("2025 (spatialscaper) scenes have no same-class duplicates: set dupse_rate 0")
+        # The files of each class: 2025 scenes draw only those directly in <Label>/, as SpatialScaper lists them.
+        flat = config.metadata_format == "spatialscaper"
+        self.pools = {kind: {label: [file for file in files if not flat or file[0].count("/") == 1]
+                             for label, files in classes.items()}
+                      for kind, classes in (("events", index.events), ("interference", index.interference))}
+        if empty := [label for pool in self.pools.values() for label, files in pool.items() if not files]:
+            raise ValueError(f"{index.root}: no .wav directly in the {', '.join(empty)} class folder(s) (2025 scenes "
+                             "do not look into sub-folders)")
         if config.nevent_range[1] > min(NUM_SLOTS, len(index.labels)):
             raise ValueError(f"{index.root}: nevent_range {config.nevent_range}: at most {NUM_SLOTS} target events "
                              f"per mixture (the output slots), of distinct classes ({len(index.labels)} available)")
@@ -96,16 +104,6 @@ class SceneGenerator:
                 "event_position": [(room.stored if spatialscaper else room.positions)[position].tolist()],
                 "snr": rng.uniform(*snr_range)} | (
             {"role": "foreground", "pitch_shift": None, "time_stretch": None} if spatialscaper else {"role": role})
-
-    def _pool(self, classes, label):
-        """A class's files; 2025 scenes draw only those directly in <Label>/, as SpatialScaper lists them."""
-        if self.config.metadata_format == "spaudsyn":
-            return classes[label]
-        files = [file for file in classes[label] if file[0].count("/") == 1]
-        if not files:
-            raise ValueError(f"{self.index.root}: no .wav directly in the {label} class folder (2025 scenes do not "
-                             "look into sub-folders)")
-        return files
 
     def _duplicate(self, rng, room, events, base_labels):
         """One more source of a class already present, more than dupse_min_angle away, from another sub-folder."""
@@ -140,7 +138,7 @@ class SceneGenerator:
         events = []
         for _ in range(nevents - n_duplicates):
             label = rng.choice([label for label in index.labels if label not in {e["label"] for e in events}])
-            events.append(self._event(rng, room, label, rng.choice(self._pool(index.events, label)), config.snr_range,
+            events.append(self._event(rng, room, label, rng.choice(self.pools["events"][label]), config.snr_range,
                                       "foreground"))
         base_labels = [event["label"] for event in events]
         for _ in range(n_duplicates):
@@ -149,7 +147,7 @@ class SceneGenerator:
         if index.interference_labels:
             for _ in range(rng.randint(*config.interference_range)):
                 label = rng.choice(index.interference_labels)
-                interference.append(self._event(rng, room, label, rng.choice(self._pool(index.interference, label)),
+                interference.append(self._event(rng, room, label, rng.choice(self.pools["interference"][label]),
                                                 config.interference_snr_range, "interference"))
         background = []
         if index.noise:
@@ -474,21 +472,6 @@ def render_scenes(scenes, spectra):
 
 
 # ---- Datasets ----------------------------------------------------------------------------------------------------
-def label_vector(labels, mode="stack", silence_mode="zeros"):
-    """Labels -> 'stack' [n, K], 'concat' [n * K] or 'multihot' [K]; K = 18 ('zeros') or 19 ('onehot': 18 = silence)."""
-    if silence_mode not in ("zeros", "onehot") or mode not in ("stack", "concat", "multihot"):
-        raise ValueError(f"label_vector_mode {mode!r}, silence_label_mode {silence_mode!r}: expected 'stack', "
-                         "'concat' or 'multihot', and 'zeros' or 'onehot'")
-    names = LABELS + ((SILENCE,) if silence_mode == "onehot" else ())
-    rows = torch.zeros(len(labels), len(names))
-    for row, label in enumerate(labels):
-        if label not in names and label != SILENCE:
-            raise ValueError(f"unknown label {label!r}; expected one of LABELS or {SILENCE!r}")
-        if label in names:
-            rows[row, names.index(label)] = 1.0
-    return {"stack": rows, "concat": rows.reshape(-1), "multihot": rows.sum(0).clamp(max=1)}[mode]
-
-
 def collate(items):
     """Batch dict: scene records by stack_scenes, tensors stacked along a new first dim, other values listed."""
     columns = {key: [item[key] for item in items] for key in items[0]}

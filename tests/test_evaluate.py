@@ -5,6 +5,7 @@ The tagger's silence logits are biased so that slot 0 is always silent (it must 
 """
 import dataclasses
 import json
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -302,6 +303,18 @@ def test_tuned_thresholds_recover_a_planted_offset(checkpoints, data, demo_dev_s
     other.write_text(json.dumps({"labels": [*LABELS[::-1], SILENCE], "offsets": [0.0] * 19}))
     error = fail(monkeypatch, capsys, *system_arguments(checkpoints, data), "--thresholds", other)
     assert "thresholds for another label set" in error and len(error.strip().splitlines()) == 1
+    broken = demo_dev_set / "metadata" / f"broken_{tmp_path.name}"  # metadata lies inside its dev set
+    broken.mkdir()
+    scene = next(scene for path in sorted((demo_dev_set / "metadata" / "valid").glob("*.json"))
+                 if (scene := json.loads(path.read_text()))["fg_events"])
+    scene["fg_events"][0]["source_file"] = "Speech/missing.wav"
+    (broken / "soundscape_0000.json").write_text(json.dumps(scene))
+    try:  # the file is read in a DataLoader worker: still one line
+        error = fail(monkeypatch, capsys, "--tune_thresholds", "--tagger", checkpoints[0], "--valid_metadata", broken,
+                     "--overwrite", *FAST)
+    finally:
+        shutil.rmtree(broken)
+    assert "missing.wav" in error and len(error.strip().splitlines()) == 1 and "Traceback" not in error
 
 
 def test_bad_input_gives_clear_errors(checkpoints, data, tmp_path, monkeypatch, capsys):
